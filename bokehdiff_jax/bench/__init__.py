@@ -1,0 +1,29 @@
+"""``bokehdiff-jax bench NAME``: benchmarks that print medians and ratios against a reference run
+made in the same process. Their figures go into BENCHMARKS.md with the command that made them.
+
+Each benchmark is a module ``bokehdiff_jax.bench.<name>`` with ``add_arguments(parser)`` and
+``run(args) -> int``; heavy imports happen inside ``run``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+BENCHMARKS: dict[str, str] = {
+    "unet": "Flax U-Net forward vs diffusers PyTorch; full-SDXL memory and FLOPs from abstract shapes",
+    "convert": "convert a random full-size SDXL U-Net from diffusers safetensors: time and peak RSS",
+    "pisa": "PISA dense / blockwise / sparse vs a dense PyTorch reference: time and memory",
+    "render": "scatter renderer and layered ray tracer vs a NumPy scatter reference: throughput",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    for name, help_ in BENCHMARKS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        importlib.import_module(f"bokehdiff_jax.bench.{name}").add_arguments(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    return importlib.import_module(f"bokehdiff_jax.bench.{args.benchmark}").run(args)
