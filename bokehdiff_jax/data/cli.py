@@ -1,0 +1,233 @@
+"""``bokehdiff-jax synth``: write synthesized training pairs to a folder, resumably.
+
+Layout of ``--out``::
+
+    synth.json              the run: config, seed, n, inputs (resume refuses a different run)
+    report.txt              skipped and converted inputs, with reasons
+    items/000000/           one folder per example, written atomically (whole or absent)
+        aif.png bokeh.png   8-bit sRGB
+        disparity.png       16-bit grayscale, value / 65535 = disparity in [0, 1] (1 near)
+        meta.json           focus, strength (K, px), layers with their planes and sources, rays, padding
+
+Resuming skips every ``items/NNNNNN`` that exists: an interrupted run never leaves a half item.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bokehdiff_jax.errors import InputError
+
+ITEM_FILES = ("aif.png", "bokeh.png", "disparity.png", "meta.json")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--fg", required=True, help="folder of RGBA foregrounds (PNG with alpha, ...)")
+    parser.add_argument("--bg", required=True, help="folder of all-in-focus backgrounds")
+    parser.add_argument("--out", required=True, help="output folder (resumes if it holds the same run)")
+    parser.add_argument("-n", "--num", type=int, required=True, help="number of examples")
+    parser.add_argument("--seed", type=int, default=0, help="stream seed; example i uses rng([seed, i])")
+    parser.add_argument("--size", type=int, default=768, help="output canvas side in pixels (768)")
+    parser.add_argument("--start", type=int, default=0, help="first example index (to split work)")
+    parser.add_argument(
+        "--fg-count",
+        type=int,
+        nargs=2,
+        metavar=("LO", "HI"),
+        default=None,
+        help="foregrounds per scene, inclusive range (1 2)",
+    )
+    parser.add_argument(
+        "--log2-times",
+        type=float,
+        nargs=2,
+        metavar=("LO", "HI"),
+        default=None,
+        help="blur multiplier range: K = 12 * 2**U(LO, HI) px (-2 3)",
+    )
+    parser.add_argument("--rays-max", type=int, default=None, help="cap on rays per pixel (256)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="grain worker processes synthesizing in parallel, on CPU (0 = this process, any backend)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def config_from_args(args: argparse.Namespace):
+    from bokehdiff_jax.data.synthesis import SynthConfig
+
+    kw: dict[str, Any] = {"size": args.size}
+    if args.fg_count is not None:
+        kw["fg_count"] = tuple(args.fg_count)
+    if args.log2_times is not None:
+        kw["log2_times"] = tuple(args.log2_times)
+    if args.rays_max is not None:
+        kw["rays_max"] = args.rays_max
+    try:
+        return SynthConfig(**kw)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+
+
+def item_dir(out: Path, index: int) -> Path:
+    return out / "items" / f"{index:06d}"
+
+
+def write_item(dst: Path, sample: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+    """Writes one example folder atomically (a temporary folder renamed onto ``dst``)."""
+    from PIL import Image
+
+    from bokehdiff_jax.atomic import atomic_path
+
+    def u8(x: np.ndarray) -> np.ndarray:
+        return (np.clip(x, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+    with atomic_path(dst, is_dir=True) as tmp:
+        Image.fromarray(u8(sample["aif"])).save(tmp / "aif.png")
+        Image.fromarray(u8(sample["bokeh"])).save(tmp / "bokeh.png")
+        d16 = (np.clip(sample["disparity"], 0.0, 1.0) * 65535.0 + 0.5).astype(np.uint16)
+        Image.fromarray(d16).save(tmp / "disparity.png")
+        meta = dict(
+            meta,
+            focus=float(sample["focus"]),
+            strength=float(sample["strength"]),
+            disparity_encoding="uint16 PNG, disparity = value / 65535 (1 = near)",
+        )
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+
+
+def read_item(folder: str | Path) -> dict[str, np.ndarray]:
+    """Reads an example folder back: the same keys as ``synthesize`` (plus ``index``), float32."""
+    from PIL import Image
+
+    folder = Path(folder)
+    meta = json.loads((folder / "meta.json").read_text())
+    with Image.open(folder / "aif.png") as im:
+        aif = np.asarray(im.convert("RGB"), np.float32) / 255.0
+    with Image.open(folder / "bokeh.png") as im:
+        bokeh = np.asarray(im.convert("RGB"), np.float32) / 255.0
+    with Image.open(folder / "disparity.png") as im:
+        disp = np.asarray(im, np.float32) / 65535.0
+    focus, strength = np.float32(meta["focus"]), np.float32(meta["strength"])
+    return {
+        "aif": aif,
+        "bokeh": bokeh,
+        "disparity": disp,
+        "focus": focus,
+        "strength": strength,
+        "coc": (strength * np.abs(disp - focus)).astype(np.float32),
+        "index": np.int64(meta["index"]),
+    }
+
+
+def list_items(out: str | Path) -> list[Path]:
+    """The finished example folders of a ``synth`` output, sorted by index."""
+    items = Path(out) / "items"
+    if not items.is_dir():
+        raise InputError(f"{out} is not a synth output folder (no items/ inside)")
+    return sorted(
+        p
+        for p in items.iterdir()
+        if p.is_dir() and not p.name.startswith(".") and all((p / f).is_file() for f in ITEM_FILES)
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from bokehdiff_jax.atomic import atomic_path
+    from bokehdiff_jax.data.synthesis import scan_inputs, synthesize_with_meta
+
+    if args.num < 1:
+        raise InputError(f"-n must be >= 1, got {args.num}")
+    if args.start < 0 or args.workers < 0:
+        raise InputError(f"--start and --workers must be >= 0, got {args.start} and {args.workers}")
+    config = config_from_args(args)
+    out = Path(args.out)
+    inputs = scan_inputs(args.fg, args.bg, config)
+    run_desc = {
+        "config": dataclasses.asdict(config),
+        "seed": args.seed,
+        "fg": [p.name for p in inputs.fg],
+        "bg": [p.name for p in inputs.bg],
+    }
+    manifest = out / "synth.json"
+    if manifest.exists():
+        old = json.loads(manifest.read_text())
+        old_desc = {k: old.get(k) for k in run_desc}
+        if json.loads(json.dumps(run_desc)) != old_desc:
+            diff = [k for k in run_desc if json.loads(json.dumps(run_desc[k])) != old_desc[k]]
+            raise InputError(
+                f"{out} holds a different synth run (differs in: {', '.join(diff)}); "
+                "use a new --out folder or the same settings to resume"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(manifest) as tmp:
+        tmp.write_text(json.dumps(dict(run_desc, n=max(args.start + args.num, _old_n(manifest))), indent=1))
+    with atomic_path(out / "report.txt") as tmp:
+        tmp.write_text(inputs.summary() + "\n")
+
+    todo = [i for i in range(args.start, args.start + args.num) if not item_dir(out, i).exists()]
+    done = args.num - len(todo)
+    if done:
+        print(f"resuming: {done} of {args.num} examples already in {out}")
+    skipped_mid_run: list[tuple[str, str]] = []
+    if args.workers > 0 and todo:
+        stream = _parallel(config, inputs, args.seed, todo, args.workers)
+    else:
+        stream = (synthesize_with_meta(config, inputs.fg, inputs.bg, args.seed, i) for i in todo)
+    for i, (sample, meta) in tqdm(
+        zip(todo, stream, strict=True), total=len(todo), desc="synth", unit="pair", disable=args.no_progress
+    ):
+        assert meta["index"] == i
+        skipped_mid_run += meta["skipped_inputs"]
+        write_item(item_dir(out, i), sample, meta)
+
+    print(inputs.summary())
+    for p, r in dict(skipped_mid_run).items():
+        print(f"  skipped during the run {p}: {r}")
+    print(f"wrote {len(todo)} examples, {done} already present, to {out}")
+    return 0
+
+
+def _parallel(config, inputs, seed: int, todo: list[int], workers: int):
+    """Examples ``todo`` (in order) as ``(sample, meta)``, synthesized by grain worker processes
+    (pinned to CPU by ``SynthSource``, so they never compete for an accelerator)."""
+    import grain
+
+    from bokehdiff_jax.data.pipeline import SynthSource
+
+    class TodoSource(SynthSource):
+        """Example ``todo[k]`` with its metadata at position ``k``."""
+
+        def __len__(self) -> int:
+            return len(todo)
+
+        def __getitem__(self, k: int):
+            from bokehdiff_jax.data.synthesis import synthesize_with_meta
+
+            return synthesize_with_meta(self.config, self.fg, self.bg, self.seed, todo[int(k)])
+
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():  # grain's worker pool reads absl flags
+        flags.FLAGS.mark_as_parsed()
+    source = TodoSource(config, inputs.fg, inputs.bg, seed=seed, length=max(todo) + 1)
+    sampler = grain.samplers.IndexSampler(
+        num_records=len(todo), shard_options=grain.sharding.NoSharding(), shuffle=False, num_epochs=1
+    )
+    yield from grain.DataLoader(data_source=source, sampler=sampler, worker_count=workers)
+
+
+def _old_n(manifest: Path) -> int:
+    if not manifest.exists():
+        return 0
+    return int(json.loads(manifest.read_text()).get("n", 0))

@@ -1,0 +1,206 @@
+"""``bokehdiff-jax render``: lens blur from an image and its disparity map, no model weights needed.
+
+Example::
+
+    bokehdiff-jax render photo.jpg --disparity photo_disp.png --focus-at 320,240 --strength 24 \\
+        --out photo_bokeh.png
+    bokehdiff-jax render photo.jpg --disparity photo_disp.npy --strength 24 --focal-stack 6 --out stack/
+
+Notes and warnings (filled values, flipped-looking maps, clipped radii) go to stderr; written paths to
+stdout. Bad input is one line ``error: ...`` and exit status 2, with no output written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+from bokehdiff_jax.errors import InputError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("image", help="input photo (PNG, JPEG, ...; sRGB)")
+    parser.add_argument(
+        "--disparity", required=True, metavar="FILE", help=".npy, .npz, .pfm or 8/16-bit PNG; 1 = near"
+    )
+    focus = parser.add_mutually_exclusive_group()
+    focus.add_argument("--focus", type=float, metavar="D", help="disparity in focus, in [0, 1]")
+    focus.add_argument("--focus-at", metavar="X,Y", help="focus on the median disparity around pixel X,Y")
+    focus.add_argument("--focus-box", metavar="X0,Y0,X1,Y1", help="focus on the median disparity in a box")
+    parser.add_argument(
+        "--strength", type=float, required=True, metavar="K", help="blur strength: CoC radius K|d - d_f| px"
+    )
+    parser.add_argument(
+        "--out", metavar="FILE", help="output .png/.jpg (a folder with --focal-stack); default beside IMAGE"
+    )
+    parser.add_argument("--focal-stack", type=int, metavar="N", help="N renders focused across the scene")
+    parser.add_argument("--method", choices=["classical"], default="classical", help="renderer")
+    parser.add_argument("--normalize", action="store_true", help="min-max rescale a disparity outside [0, 1]")
+    parser.add_argument("--flip-disparity", action="store_true", help="use 1 - d (for depth-like maps)")
+    parser.add_argument("--aperture-blades", type=int, default=0, metavar="N", help="0 = circle, else >= 3")
+    parser.add_argument(
+        "--aperture-rotation", type=float, default=0.0, metavar="DEG", help="polygon rotation"
+    )
+    parser.add_argument(
+        "--highlight-boost",
+        type=float,
+        default=0.0,
+        metavar="GAIN",
+        help="highlight gain (0 = off)",
+    )
+    parser.add_argument(
+        "--highlight-threshold",
+        type=float,
+        default=0.9,
+        metavar="V",
+        help="sRGB level where boost starts",
+    )
+    parser.add_argument("--gamma", type=float, default=2.2, help="sRGB <-> linear exponent")
+    parser.add_argument(
+        "--max-radius", type=int, default=128, metavar="PX", help="cap on the CoC radius (bounds memory)"
+    )
+    parser.add_argument("--layers", type=int, default=24, metavar="N", help="depth layers of the renderer")
+
+
+def _ints(text: str, n: int, flag: str) -> list[int]:
+    parts = text.split(",")
+    try:
+        values = [int(round(float(p))) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) != n:
+        raise InputError(f"{flag} expects {n} comma-separated numbers, got {text!r}")
+    return values
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if args.focal_stack is None and args.focus is None and args.focus_at is None and args.focus_box is None:
+        raise InputError(
+            "give one of --focus D, --focus-at X,Y or --focus-box X0,Y0,X1,Y1 (or --focal-stack N)"
+        )
+    if args.focal_stack is not None and args.focal_stack < 1:
+        raise InputError(f"--focal-stack must be >= 1, got {args.focal_stack}")
+    if not (math.isfinite(args.strength) and args.strength >= 0):
+        raise InputError(f"--strength must be a finite number >= 0 (pixels), got {args.strength}")
+    if args.focus is not None and not (0.0 <= args.focus <= 1.0):
+        raise InputError(f"--focus must be a disparity in [0, 1], got {args.focus}")
+    if args.aperture_blades != 0 and args.aperture_blades < 3:
+        raise InputError(f"--aperture-blades must be 0 (circle) or >= 3, got {args.aperture_blades}")
+    if not (args.gamma > 0 and math.isfinite(args.gamma)):
+        raise InputError(f"--gamma must be > 0, got {args.gamma}")
+    if args.highlight_boost < 0 or not (0.0 <= args.highlight_threshold < 1.0):
+        raise InputError("--highlight-boost must be >= 0 and --highlight-threshold in [0, 1)")
+    if args.max_radius < 1 or args.layers < 3:
+        raise InputError("--max-radius must be >= 1 and --layers >= 3")
+
+
+def _output_path(args: argparse.Namespace) -> Path:
+    from bokehdiff_jax.data.io import IMAGE_WRITE_FORMATS
+
+    image = Path(args.image)
+    if args.focal_stack is not None:
+        out = Path(args.out) if args.out else image.with_name(f"{image.stem}_focal_stack")
+        if out.suffix.lower() in IMAGE_WRITE_FORMATS or out.is_file():
+            raise InputError(f"--out {out}: with --focal-stack the output is a folder, not an image file")
+        return out
+    out = Path(args.out) if args.out else image.with_name(f"{image.stem}_bokeh.png")
+    if out.suffix.lower() not in IMAGE_WRITE_FORMATS:
+        raise InputError(f"--out {out}: expected a .png, .jpg or .jpeg file")
+    if out.is_dir():
+        raise InputError(f"--out {out} is a folder; expected an image file")
+    return out
+
+
+def contact_sheet(images_nhwc, labels: list[str], *, thumb: int = 256):
+    """A labelled grid of thumbnails (longest side ``thumb`` px) as a uint8 ``[H, W, 3]`` array."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    n = len(images_nhwc)
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    h, w = images_nhwc[0].shape[:2]
+    scale = thumb / max(h, w)
+    tw, th = max(1, round(w * scale)), max(1, round(h * scale))
+    label_h, gap = 16, 4
+    sheet = Image.new("RGB", (cols * (tw + gap) + gap, rows * (th + label_h + gap) + gap), (24, 24, 24))
+    draw = ImageDraw.Draw(sheet)
+    for i, (img, label) in enumerate(zip(images_nhwc, labels, strict=True)):
+        tile = Image.fromarray(np.round(np.clip(img, 0, 1) * 255).astype(np.uint8))
+        x = gap + (i % cols) * (tw + gap)
+        y = gap + (i // cols) * (th + label_h + gap)
+        sheet.paste(tile.resize((tw, th), Image.Resampling.BOX), (x, y))
+        draw.text((x + 2, y + th + 2), label, fill=(230, 230, 230))
+    return np.asarray(sheet)
+
+
+def run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from bokehdiff_jax.atomic import atomic_path
+    from bokehdiff_jax.data.io import read_disparity, read_image, write_image
+    from bokehdiff_jax.physics.optics import focus_at, focus_in_box
+
+    _check_args(args)
+    out = _output_path(args)  # validated before any work, so a bad --out costs nothing
+    image = read_image(args.image)
+    disparity, notes = read_disparity(args.disparity, normalize=args.normalize, flip=args.flip_disparity)
+    if disparity.shape != image.shape[:2]:
+        raise InputError(
+            f"disparity {args.disparity} is {disparity.shape[1]}x{disparity.shape[0]} but image {args.image} "
+            f"is {image.shape[1]}x{image.shape[0]}; they must match"
+        )
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+
+    if args.focus is not None:
+        focus = float(args.focus)
+    elif args.focus_at is not None:
+        x, y = _ints(args.focus_at, 2, "--focus-at")
+        focus = focus_at(disparity, x, y)
+    elif args.focus_box is not None:
+        x0, y0, x1, y1 = _ints(args.focus_box, 4, "--focus-box")
+        focus = focus_in_box(disparity, x0, y0, x1, y1)
+    else:
+        focus = None
+
+    # The static radius bound: just enough for this render, so small blurs stay cheap.
+    lo, hi = float(disparity.min()), float(disparity.max())
+    worst = (hi - lo) if focus is None else max(abs(hi - focus), abs(focus - lo))
+    needed = math.ceil(args.strength * worst)
+    if needed > args.max_radius:
+        print(f"note: CoC radii up to {needed} px clipped to --max-radius {args.max_radius}", file=sys.stderr)
+    from bokehdiff_jax.render.scatter import ScatterConfig
+
+    config = ScatterConfig(
+        max_radius=max(1, min(needed, args.max_radius)),
+        num_layers=args.layers,
+        blades=float(args.aperture_blades),
+        rotation=args.aperture_rotation,
+        highlight_boost=args.highlight_boost,
+        highlight_threshold=args.highlight_threshold,
+        gamma=args.gamma,
+    )
+
+    if args.focal_stack is None:
+        from bokehdiff_jax.render.scatter import render_scatter
+
+        print(f"note: focus disparity {focus:.4f}, strength {args.strength:g} px", file=sys.stderr)
+        result = np.asarray(render_scatter(image, disparity, focus, args.strength, config=config))
+        write_image(out, result)
+        print(out)
+        return 0
+
+    from bokehdiff_jax.render.stack import focal_stack
+
+    focus_n, images = focal_stack(image, disparity, args.strength, args.focal_stack, config=config)
+    focus_n, images = np.asarray(focus_n), np.asarray(images)
+    labels = [f"d_f = {f:.3f}" for f in focus_n]
+    with atomic_path(out, is_dir=True) as tmp:
+        for i, (f, img) in enumerate(zip(focus_n, images, strict=True)):
+            write_image(tmp / f"focus_{i:02d}_d{f:.3f}.png", img)
+        write_image(tmp / "contact_sheet.png", contact_sheet(images, labels))
+    print(out)
+    return 0

@@ -1,0 +1,78 @@
+"""``bokehdiff-jax synth`` end to end: outputs, resume, refusal of a different run, error exits."""
+
+import json
+
+import numpy as np
+import pytest
+
+import bokehdiff_jax.cli
+from bokehdiff_jax.data.cli import list_items, read_item
+
+
+@pytest.fixture
+def main(monkeypatch):
+    # The real dispatcher, restricted to this command so unrelated subcommands are not imported.
+    monkeypatch.setattr(bokehdiff_jax.cli, "COMMANDS", {"synth": bokehdiff_jax.cli.COMMANDS["synth"]})
+    return bokehdiff_jax.cli.main
+
+
+def _args(fg, bg, out, n, *extra):
+    tiny = "--size 32 --log2-times -1 -1 --rays-max 8 --no-progress".split()
+    return ["synth", "--fg", str(fg), "--bg", str(bg), "--out", str(out), "-n", str(n), *tiny, *extra]
+
+
+def test_synth_writes_resumes_and_refuses_other_runs(main, input_dirs, tmp_path, capsys):
+    fg, bg = input_dirs
+    out = tmp_path / "out"
+    assert main(_args(fg, bg, out, 2)) == 0
+    items = list_items(out)
+    assert [p.name for p in items] == ["000000", "000001"]
+    meta = json.loads((items[0] / "meta.json").read_text())
+    assert {"focus", "strength", "layers", "n_rays", "seed", "index"} <= set(meta)
+    assert meta["strength"] == pytest.approx(12.0 * 0.5)
+    first = read_item(items[0])
+    assert first["aif"].shape == (32, 32, 3) and first["disparity"].dtype == np.float32
+    np.testing.assert_allclose(first["coc"], first["strength"] * np.abs(first["disparity"] - first["focus"]))
+    mtime = (items[0] / "aif.png").stat().st_mtime_ns
+
+    # An interrupted item leaves only a hidden temporary folder: ignored, and redone on resume.
+    (out / "items" / ".000002.abc.tmp").mkdir()
+    assert [p.name for p in list_items(out)] == ["000000", "000001"]
+    capsys.readouterr()
+    assert main(_args(fg, bg, out, 3)) == 0
+    assert "resuming: 2 of 3" in capsys.readouterr().out
+    assert [p.name for p in list_items(out)] == ["000000", "000001", "000002"]
+    assert (items[0] / "aif.png").stat().st_mtime_ns == mtime  # finished items are not rewritten
+
+    # Resume gives exactly what a fresh run gives.
+    fresh = tmp_path / "fresh"
+    assert main(_args(fg, bg, fresh, 3)) == 0
+    for a, b in zip(list_items(out), list_items(fresh), strict=True):
+        x, y = read_item(a), read_item(b)
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+
+    # Worker processes write the same items.
+    par = tmp_path / "par"
+    assert main(_args(fg, bg, par, 3, "--workers", "2")) == 0
+    for a, b in zip(list_items(par), list_items(fresh), strict=True):
+        x, y = read_item(a), read_item(b)
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+
+    # A different run into the same folder is refused with a one-line error and status 2.
+    assert main(_args(fg, bg, out, 3, "--seed", "5")) == 2
+    assert "different synth run" in capsys.readouterr().err
+
+
+def test_synth_error_exits(main, input_dirs, tmp_path, capsys):
+    fg, bg = input_dirs
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(_args(empty, bg, tmp_path / "o1", 1)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no usable foreground") and err.count("\n") == 1
+    assert main(_args(fg, tmp_path / "nope", tmp_path / "o2", 1)) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(_args(fg, bg, tmp_path / "o3", 0)) == 2
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o3" / "items").exists()
