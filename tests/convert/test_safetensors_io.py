@@ -1,0 +1,154 @@
+"""The torch-free safetensors reader/writer against the reference library, and every malformed case."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import struct
+
+import ml_dtypes
+import numpy as np
+import pytest
+import safetensors.numpy
+
+from bokehdiff_jax.convert.safetensors_io import (
+    SafetensorsFile,
+    ShardedSafetensors,
+    TensorSpec,
+    open_diffusers_weights,
+    save_dict,
+    write_safetensors,
+)
+from bokehdiff_jax.errors import InputError
+
+
+def _tensors(seed=0):
+    rng = np.random.default_rng(seed)
+    return {
+        "a.weight": rng.standard_normal((3, 4, 2, 2)).astype(np.float32),
+        "b.bias": rng.standard_normal(5).astype(np.float16),
+        "c.weight": rng.standard_normal((7, 3)).astype(ml_dtypes.bfloat16),
+        "empty": np.zeros((0, 3), np.float32),
+        "ints": np.arange(6, dtype=np.int64).reshape(2, 3),
+    }
+
+
+def test_reads_reference_files_bit_identically(tmp_path):
+    t = _tensors()
+    ref = {k: v for k, v in t.items() if v.dtype != ml_dtypes.bfloat16}  # safetensors.numpy lacks bf16
+    safetensors.numpy.save_file(ref, tmp_path / "x.safetensors", metadata={"format": "pt"})
+    with SafetensorsFile(tmp_path / "x.safetensors") as f:
+        assert set(f) == set(ref) and f.metadata == {"format": "pt"}
+        for k, v in ref.items():
+            assert f[k].dtype == v.dtype and f[k].shape == v.shape and f[k].tobytes() == v.tobytes()
+
+
+def test_our_files_read_back_and_load_in_the_reference(tmp_path):
+    t = _tensors(1)
+    save_dict(tmp_path / "y.safetensors", t, {"format": "pt"})
+    with SafetensorsFile(tmp_path / "y.safetensors") as f:
+        for k, v in t.items():
+            assert f[k].dtype == v.dtype and f[k].tobytes() == v.tobytes()
+    torch = pytest.importorskip("torch")
+    import safetensors.torch
+
+    loaded = safetensors.torch.load_file(tmp_path / "y.safetensors")
+    assert loaded["c.weight"].dtype == torch.bfloat16
+    np.testing.assert_array_equal(loaded["c.weight"].float().numpy(), t["c.weight"].astype(np.float32))
+    np.testing.assert_array_equal(loaded["a.weight"].numpy(), t["a.weight"])
+
+
+def test_writer_checks_each_tensor_and_leaves_nothing_on_failure(tmp_path):
+    dst = tmp_path / "z.safetensors"
+    specs = [TensorSpec("a", np.dtype(np.float32), (2,)), TensorSpec("b", np.dtype(np.float32), (3,))]
+    with pytest.raises(InputError, match="header says"):
+        write_safetensors(dst, specs, [np.zeros(2, np.float32), np.zeros(3, np.float16)])
+    with pytest.raises(InputError, match="ran out"):
+        write_safetensors(dst, specs, [np.zeros(2, np.float32)])
+    assert list(tmp_path.iterdir()) == []
+
+
+def _write_raw(path, n, header_bytes, data=b""):
+    path.write_bytes(struct.pack("<Q", n) + header_bytes + data)
+
+
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("short", "truncated"),
+        ("header_past_eof", "runs past the end"),
+        ("bad_json", "not valid JSON"),
+        ("offsets_outside", "outside"),
+        ("size_mismatch", "do not hold"),
+        ("bad_dtype", "unsupported dtype"),
+        ("pickle", "pickle"),
+        ("zip", "zip archive"),
+    ],
+)
+def test_malformed_files(tmp_path, case, match):
+    p = tmp_path / "bad.safetensors"
+    entry = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+    if case == "short":
+        p.write_bytes(b"\x01\x00\x00")
+    elif case == "header_past_eof":
+        _write_raw(p, 10_000, b"{}")
+    elif case == "bad_json":
+        _write_raw(p, 5, b"{nope")
+    elif case == "offsets_outside":
+        h = json.dumps({"x": entry}).encode()
+        _write_raw(p, len(h), h, b"\0" * 4)  # 8 bytes promised, 4 present: truncated
+    elif case == "size_mismatch":
+        h = json.dumps({"x": {**entry, "shape": [3]}}).encode()
+        _write_raw(p, len(h), h, b"\0" * 8)
+    elif case == "bad_dtype":
+        h = json.dumps({"x": {**entry, "dtype": "C64"}}).encode()
+        _write_raw(p, len(h), h, b"\0" * 8)
+    elif case == "pickle":
+        p.write_bytes(pickle.dumps({"x": [1, 2]}, protocol=4))
+    elif case == "zip":
+        p.write_bytes(b"PK\x03\x04" + b"\0" * 100)
+    with pytest.raises(InputError, match=match):
+        SafetensorsFile(p)
+
+
+def test_truncation_found_by_full_file_check(tmp_path):
+    save_dict(tmp_path / "w.safetensors", _tensors(2))
+    raw = (tmp_path / "w.safetensors").read_bytes()
+    (tmp_path / "w.safetensors").write_bytes(raw[:-10])
+    with pytest.raises(InputError, match="outside"):
+        SafetensorsFile(tmp_path / "w.safetensors")
+
+
+def test_sharded_and_variant_folders(tmp_path):
+    t = _tensors(3)
+    save_dict(tmp_path / "s1.safetensors", {k: t[k] for k in ["a.weight", "b.bias"]})
+    save_dict(tmp_path / "s2.safetensors", {k: t[k] for k in ["c.weight", "empty", "ints"]})
+    wm = {k: "s1.safetensors" if k in ("a.weight", "b.bias") else "s2.safetensors" for k in t}
+    (tmp_path / "diffusion_pytorch_model.safetensors.index.fp16.json").write_text(
+        json.dumps({"weight_map": wm})
+    )
+    w = open_diffusers_weights(tmp_path)  # falls back to the fp16 variant
+    assert isinstance(w, ShardedSafetensors) and set(w) == set(t)
+    assert all(w[k].tobytes() == t[k].tobytes() for k in t)
+    w.close()
+    (tmp_path / "s2.safetensors").unlink()
+    with pytest.raises(InputError, match="missing shard"):
+        open_diffusers_weights(tmp_path, variant="fp16")
+
+
+def test_pickle_only_folder_is_refused(tmp_path):
+    (tmp_path / "diffusion_pytorch_model.bin").write_bytes(pickle.dumps({}))
+    with pytest.raises(InputError, match="never loaded"):
+        open_diffusers_weights(tmp_path)
+    with pytest.raises(InputError, match="no diffusers weights"):
+        open_diffusers_weights(tmp_path / "nothing_here")
+
+
+def test_header_length_starting_with_pickle_byte_is_still_safetensors(tmp_path):
+    # 1152 = 0x0480: the file starts b"\x80\x04", a pickle's opening bytes; it must still be read.
+    h = json.dumps({"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode()
+    h += b" " * (0x0480 - len(h))
+    _write_raw(tmp_path / "p.safetensors", len(h), h, np.array([1.5, -2.0], np.float32).tobytes())
+    assert (tmp_path / "p.safetensors").read_bytes()[:2] == b"\x80\x04"
+    with SafetensorsFile(tmp_path / "p.safetensors") as f:
+        np.testing.assert_array_equal(f["x"], [1.5, -2.0])
