@@ -1,0 +1,255 @@
+"""The U-Net's transformer and its down, mid and up blocks, named after diffusers' modules.
+
+Linen names are diffusers attribute names with each index joined by ``_`` (``resnets_0``,
+``attentions_1``, ``to_out_0``, ``ff/net_0/proj``), the naming rule of ``convert.mapping``; an
+attention layer's diffusers path (``diffusers_path``) is what ``AttentionRouting`` matches.
+Activations are ``NHWC`` or ``[batch, tokens, channels]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from bokehdiff_jax.models.attention import AttentionRouting, attend
+from bokehdiff_jax.models.layers import (
+    Conv,
+    Dense,
+    Downsample2D,
+    Dtype,
+    LoRAConfig,
+    ResnetBlock2D,
+    Upsample2D,
+    diffusers_path,
+    group_norm,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Precision:
+    """Compute and parameter dtypes, passed down as one field."""
+
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+
+def _maybe_remat(cls: type[nn.Module], remat: bool) -> type[nn.Module]:
+    # Recompute the block's activations in the backward pass: SDXL training on one GPU needs it.
+    return nn.remat(cls) if remat else cls
+
+
+class Attention(nn.Module):
+    """diffusers ``Attention`` (``to_q/k/v``, ``to_out_0``), routed through ``attend`` by its path.
+
+    ``grid`` is ``(h, w)`` of the feature map whose tokens are the queries. ``upcast``: q, k, v go to
+    ``attend`` in fp32 (diffusers' ``upcast_attention``).
+    """
+
+    heads: int
+    head_dim: int
+    grid: tuple[int, int]
+    routing: AttentionRouting = AttentionRouting()
+    upcast: bool = False
+    lora: LoRAConfig | None = None
+    precision: Precision = Precision()
+
+    @nn.compact
+    def __call__(self, x_btc: jax.Array, context_bsc: jax.Array | None = None, attention_context: Any = None):
+        b, n, c = x_btc.shape
+        inner = self.heads * self.head_dim
+        p = self.precision
+        dense = lambda f, name, bias=False: Dense(f, bias, self.lora, p.dtype, p.param_dtype, name=name)
+        kv_in = x_btc if context_bsc is None else context_bsc
+        split = lambda t: t.reshape(b, t.shape[1], self.heads, self.head_dim)
+        q, k, v = (
+            split(dense(inner, "to_q")(x_btc)),
+            split(dense(inner, "to_k")(kv_in)),
+            split(dense(inner, "to_v")(kv_in)),
+        )
+        dtype = q.dtype
+        if self.upcast:
+            q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
+        o = attend(
+            q,
+            k,
+            v,
+            path=diffusers_path(self),
+            grid=self.grid,
+            routing=self.routing,
+            context=attention_context,
+        )
+        return dense(c, "to_out_0", True)(o.astype(dtype).reshape(b, n, inner))
+
+
+class GEGLU(nn.Module):
+    """``proj`` to 2 x ``features``, then ``value * gelu(gate)`` (exact gelu, as torch's default)."""
+
+    features: int
+    lora: LoRAConfig | None = None
+    precision: Precision = Precision()
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        p = self.precision
+        h = Dense(2 * self.features, lora=self.lora, dtype=p.dtype, param_dtype=p.param_dtype, name="proj")(x)
+        value, gate = jnp.split(h, 2, axis=-1)
+        return value * jax.nn.gelu(gate, approximate=False)
+
+
+class FeedForward(nn.Module):
+    """``net_0`` (GEGLU to 4 x width) then ``net_2`` back; diffusers' ``net.1`` is a parameterless dropout."""
+
+    lora: LoRAConfig | None = None
+    precision: Precision = Precision()
+
+    @nn.compact
+    def __call__(self, x_btc: jax.Array) -> jax.Array:
+        p, dim = self.precision, x_btc.shape[-1]
+        h = GEGLU(4 * dim, self.lora, p, name="net_0")(x_btc)
+        return Dense(dim, lora=self.lora, dtype=p.dtype, param_dtype=p.param_dtype, name="net_2")(h)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Self-attention ``attn1``, cross-attention ``attn2``, GEGLU ``ff``; pre-LayerNorm, residuals."""
+
+    heads: int
+    head_dim: int
+    grid: tuple[int, int]
+    routing: AttentionRouting = AttentionRouting()
+    upcast: bool = False
+    lora: LoRAConfig | None = None
+    precision: Precision = Precision()
+
+    @nn.compact
+    def __call__(self, x_btc: jax.Array, context_bsc: jax.Array, attention_context: Any = None) -> jax.Array:
+        p = self.precision
+        ln = lambda name: nn.LayerNorm(1e-5, dtype=p.dtype, param_dtype=p.param_dtype, name=name)
+        attn = lambda name: Attention(
+            self.heads, self.head_dim, self.grid, self.routing, self.upcast, self.lora, p, name=name
+        )
+        x_btc = attn("attn1")(ln("norm1")(x_btc), None, attention_context) + x_btc
+        x_btc = attn("attn2")(ln("norm2")(x_btc), context_bsc, attention_context) + x_btc
+        return FeedForward(self.lora, p, name="ff")(ln("norm3")(x_btc)) + x_btc
+
+
+class Transformer2DModel(nn.Module):
+    """GroupNorm ``norm``, ``proj_in`` (linear or 1x1 conv), transformer blocks, ``proj_out``, residual."""
+
+    heads: int
+    num_layers: int
+    groups: int
+    use_linear_projection: bool = True
+    routing: AttentionRouting = AttentionRouting()
+    upcast: bool = False
+    lora: LoRAConfig | None = None
+    remat: bool = False
+    precision: Precision = Precision()
+
+    @nn.compact
+    def __call__(self, x_bhwc: jax.Array, context_bsc: jax.Array, attention_context: Any = None) -> jax.Array:
+        b, h, w, c = x_bhwc.shape
+        p = self.precision
+        kw = dict(lora=self.lora, dtype=p.dtype, param_dtype=p.param_dtype)
+        y = group_norm(self.groups, 1e-6, "norm", p.dtype, p.param_dtype)(x_bhwc)
+        if self.use_linear_projection:
+            y = Dense(c, name="proj_in", **kw)(y.reshape(b, h * w, c))
+        else:
+            y = Conv(c, 1, name="proj_in", **kw)(y).reshape(b, h * w, c)
+        block = _maybe_remat(BasicTransformerBlock, self.remat)
+        for i in range(self.num_layers):
+            y = block(
+                self.heads, c // self.heads, (h, w), self.routing, self.upcast, self.lora, p,
+                name=f"transformer_blocks_{i}",
+            )(y, context_bsc, attention_context)  # fmt: skip
+        if self.use_linear_projection:
+            y = Dense(c, name="proj_out", **kw)(y).reshape(b, h, w, c)
+        else:
+            y = Conv(c, 1, name="proj_out", **kw)(y.reshape(b, h, w, c))
+        return y + x_bhwc.astype(y.dtype)
+
+
+class UNetBlockBase(nn.Module):
+    """Shared fields of the U-Net's down, mid and up blocks. ``heads == 0``: no attentions."""
+
+    out_channels: int
+    num_layers: int
+    groups: int
+    eps: float
+    heads: int = 0
+    transformer_layers: int = 1
+    use_linear_projection: bool = True
+    routing: AttentionRouting = AttentionRouting()
+    upcast: bool = False
+    lora: LoRAConfig | None = None
+    remat: bool = False
+    precision: Precision = Precision()
+
+    def _resnet(self, i: int) -> nn.Module:
+        p = self.precision
+        return _maybe_remat(ResnetBlock2D, self.remat)(
+            self.out_channels, self.groups, self.eps, self.lora, p.dtype, p.param_dtype, name=f"resnets_{i}"
+        )
+
+    def _attention(self, i: int) -> nn.Module:
+        return Transformer2DModel(
+            self.heads, self.transformer_layers, self.groups, self.use_linear_projection, self.routing,
+            self.upcast, self.lora, self.remat, self.precision, name=f"attentions_{i}",
+        )  # fmt: skip
+
+
+class DownBlock(UNetBlockBase):
+    """``DownBlock2D`` or ``CrossAttnDownBlock2D``. Returns the output and the skips it adds."""
+
+    add_downsample: bool = True
+
+    @nn.compact
+    def __call__(self, x_bhwc, temb_bc, context_bsc, attention_context=None):
+        skips = []
+        for i in range(self.num_layers):
+            x_bhwc = self._resnet(i)(x_bhwc, temb_bc)
+            if self.heads:
+                x_bhwc = self._attention(i)(x_bhwc, context_bsc, attention_context)
+            skips.append(x_bhwc)
+        if self.add_downsample:
+            p = self.precision
+            down = Downsample2D(
+                self.out_channels, False, self.lora, p.dtype, p.param_dtype, name="downsamplers_0"
+            )
+            x_bhwc = down(x_bhwc)
+            skips.append(x_bhwc)
+        return x_bhwc, tuple(skips)
+
+
+class MidBlock(UNetBlockBase):
+    """``UNetMidBlock2DCrossAttn``: resnet, transformer, resnet."""
+
+    @nn.compact
+    def __call__(self, x_bhwc, temb_bc, context_bsc, attention_context=None):
+        x_bhwc = self._resnet(0)(x_bhwc, temb_bc)
+        x_bhwc = self._attention(0)(x_bhwc, context_bsc, attention_context)
+        return self._resnet(1)(x_bhwc, temb_bc)
+
+
+class UpBlock(UNetBlockBase):
+    """``UpBlock2D`` or ``CrossAttnUpBlock2D``: each resnet eats the last skip (concatenated after the
+    running features, as diffusers does); then upsample to ``upsample_size`` (the next skip's size)."""
+
+    add_upsample: bool = True
+
+    @nn.compact
+    def __call__(self, x_bhwc, skips, temb_bc, context_bsc, attention_context=None, upsample_size=None):
+        skips = list(skips)
+        for i in range(self.num_layers):
+            x_bhwc = jnp.concatenate([x_bhwc, skips.pop().astype(x_bhwc.dtype)], axis=-1)
+            x_bhwc = self._resnet(i)(x_bhwc, temb_bc)
+            if self.heads:
+                x_bhwc = self._attention(i)(x_bhwc, context_bsc, attention_context)
+        if self.add_upsample:
+            p = self.precision
+            up = Upsample2D(self.out_channels, self.lora, p.dtype, p.param_dtype, name="upsamplers_0")
+            x_bhwc = up(x_bhwc, upsample_size)
+        return x_bhwc

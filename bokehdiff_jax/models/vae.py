@@ -1,0 +1,182 @@
+"""The SDXL VAE (diffusers ``AutoencoderKL``) in Flax linen, channels-last, diffusers' module names.
+
+Pixels in and out are in ``[-1, 1]`` (diffusers' convention; the pipeline maps the package's [0, 1]
+images). ``encode`` returns the latent distribution's mean and log-variance *before* scaling;
+BokehDiff uses ``z = mean * scaling_factor`` (SPEC section 3). SDXL's VAE overflows in fp16
+(``force_upcast``): keep ``dtype`` fp32 or bf16.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from bokehdiff_jax.models.attention import AttentionRouting, attend
+from bokehdiff_jax.models.configs import VAEConfig
+from bokehdiff_jax.models.layers import (
+    Conv,
+    Dense,
+    Downsample2D,
+    Dtype,
+    ModelRoot,
+    ResnetBlock2D,
+    Upsample2D,
+    diffusers_path,
+    group_norm,
+)
+from bokehdiff_jax.models.unet_blocks import Precision
+
+_EPS = 1e-6  # every norm of diffusers' VAE
+_NO_PISA = AttentionRouting(pisa_paths=())
+
+
+class VAEAttention(nn.Module):
+    """The VAE's single-head spatial self-attention: ``group_norm``, biased ``to_q/k/v``, residual.
+
+    Its projections sit directly under it (``attentions_0/to_q``), as in diffusers' keys. It goes
+    through ``attend`` like every attention layer (path ``encoder.mid_block.attentions.0`` or the
+    decoder's), with no PISA. At 1024 x 1024 pixels it attends over 128 x 128 = 16384 tokens.
+    """
+
+    groups: int
+    precision: Precision = Precision()
+
+    @nn.compact
+    def __call__(self, x_bhwc: jax.Array) -> jax.Array:
+        b, h, w, c = x_bhwc.shape
+        p = self.precision
+        y = group_norm(self.groups, _EPS, "group_norm", p.dtype, p.param_dtype)(x_bhwc).reshape(b, h * w, c)
+        dense = lambda name: Dense(c, dtype=p.dtype, param_dtype=p.param_dtype, name=name)
+        q, k, v = (dense(f"to_{n}")(y).reshape(b, h * w, 1, c) for n in "qkv")
+        o = attend(q, k, v, path=diffusers_path(self), grid=(h, w), routing=_NO_PISA, context=None)
+        o = dense("to_out_0")(o.reshape(b, h * w, c))
+        return o.reshape(b, h, w, c) + x_bhwc.astype(o.dtype)
+
+
+class VAEMidBlock(nn.Module):
+    """``UNetMidBlock2D`` without time input: resnet, (attention), resnet."""
+
+    channels: int
+    groups: int
+    add_attention: bool
+    precision: Precision = Precision()
+
+    @nn.compact
+    def __call__(self, x_bhwc: jax.Array) -> jax.Array:
+        p = self.precision
+        resnet = lambda i: ResnetBlock2D(
+            self.channels, self.groups, _EPS, None, p.dtype, p.param_dtype, name=f"resnets_{i}"
+        )
+        x_bhwc = resnet(0)(x_bhwc)
+        if self.add_attention:
+            x_bhwc = VAEAttention(self.groups, p, name="attentions_0")(x_bhwc)
+        return resnet(1)(x_bhwc)
+
+
+class VAEBlock(nn.Module):
+    """``DownEncoderBlock2D`` (``up=False``) or ``UpDecoderBlock2D`` (``up=True``): resnets, then the
+    sampler (``downsamplers_0`` / ``upsamplers_0``) unless ``final``."""
+
+    channels: int
+    groups: int
+    num_layers: int
+    up: bool
+    final: bool
+    precision: Precision = Precision()
+
+    @nn.compact
+    def __call__(self, x_bhwc: jax.Array) -> jax.Array:
+        p = self.precision
+        for j in range(self.num_layers):
+            x_bhwc = ResnetBlock2D(
+                self.channels, self.groups, _EPS, None, p.dtype, p.param_dtype, name=f"resnets_{j}"
+            )(x_bhwc)
+        if self.final:
+            return x_bhwc
+        if self.up:
+            return Upsample2D(self.channels, None, p.dtype, p.param_dtype, name="upsamplers_0")(x_bhwc)
+        return Downsample2D(self.channels, True, None, p.dtype, p.param_dtype, name="downsamplers_0")(x_bhwc)
+
+
+class Encoder(nn.Module):
+    """Pixels ``[B, H, W, 3]`` in [-1, 1] -> moments ``[B, H/f, W/f, 2 * latent_channels]``."""
+
+    config: VAEConfig
+    precision: Precision = Precision()
+
+    @nn.compact
+    def __call__(self, x_bhwc: jax.Array) -> jax.Array:
+        cfg, g, p = self.config, self.config.norm_num_groups, self.precision
+        conv = lambda f, name: Conv(f, dtype=p.dtype, param_dtype=p.param_dtype, name=name)
+        x = conv(cfg.block_out_channels[0], "conv_in")(x_bhwc)
+        n = len(cfg.block_out_channels)
+        for i, ch in enumerate(cfg.block_out_channels):
+            x = VAEBlock(ch, g, cfg.layers_per_block, False, i == n - 1, p, name=f"down_blocks_{i}")(x)
+        add_attn = cfg.mid_block_add_attention
+        x = VAEMidBlock(cfg.block_out_channels[-1], g, add_attn, p, name="mid_block")(x)
+        x = nn.silu(group_norm(g, _EPS, "conv_norm_out", p.dtype, p.param_dtype)(x))
+        return conv(2 * cfg.latent_channels, "conv_out")(x)
+
+
+class Decoder(nn.Module):
+    """Latents ``[B, h, w, latent_channels]`` -> pixels ``[B, h f, w f, 3]`` in about [-1, 1]."""
+
+    config: VAEConfig
+    precision: Precision = Precision()
+
+    @nn.compact
+    def __call__(self, z_bhwc: jax.Array) -> jax.Array:
+        cfg, g, p = self.config, self.config.norm_num_groups, self.precision
+        conv = lambda f, name: Conv(f, dtype=p.dtype, param_dtype=p.param_dtype, name=name)
+        up = cfg.block_out_channels[::-1]
+        x = conv(up[0], "conv_in")(z_bhwc)
+        x = VAEMidBlock(up[0], g, cfg.mid_block_add_attention, p, name="mid_block")(x)
+        for i, ch in enumerate(up):
+            x = VAEBlock(ch, g, cfg.layers_per_block + 1, True, i == len(up) - 1, p, name=f"up_blocks_{i}")(x)
+        x = nn.silu(group_norm(g, _EPS, "conv_norm_out", p.dtype, p.param_dtype)(x))
+        return conv(cfg.out_channels, "conv_out")(x)
+
+
+class AutoencoderKL(nn.Module, ModelRoot):
+    """diffusers ``AutoencoderKL``. Use ``apply(..., method="encode" | "decode")``; ``__call__``
+    (encode then decode the mean) exists for ``init``.
+
+    Attributes:
+      config: the architecture.
+      dtype: compute dtype; None computes in the input's dtype. With ``config.force_upcast`` (SDXL:
+        its activations overflow fp16) encode and decode compute in fp32 whatever ``dtype`` says.
+      param_dtype: dtype of the params.
+    """
+
+    config: VAEConfig
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self) -> None:
+        cfg = self.config
+        p = Precision(jnp.float32 if cfg.force_upcast else self.dtype, self.param_dtype)
+        self.encoder = Encoder(cfg, p)
+        self.decoder = Decoder(cfg, p)
+        if cfg.use_quant_conv:
+            self.quant_conv = Conv(2 * cfg.latent_channels, 1, dtype=p.dtype, param_dtype=p.param_dtype)
+        if cfg.use_post_quant_conv:
+            self.post_quant_conv = Conv(cfg.latent_channels, 1, dtype=p.dtype, param_dtype=p.param_dtype)
+
+    def encode(self, x_bhwc: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``[B, H, W, 3]`` in [-1, 1] -> ``(mean, logvar)``, each ``[B, H/8, W/8, latent_channels]``,
+        unscaled. ``H, W`` need not be multiples of 8: each halving rounds down, as in diffusers."""
+        m = self.encoder(x_bhwc)
+        if self.config.use_quant_conv:
+            m = self.quant_conv(m)
+        mean, logvar = jnp.split(m, 2, axis=-1)
+        return mean, jnp.clip(logvar, -30.0, 20.0)
+
+    def decode(self, z_bhwc: jax.Array) -> jax.Array:
+        """Unscaled latents ``[B, h, w, latent_channels]`` -> ``[B, 8h, 8w, 3]`` in about [-1, 1]."""
+        if self.config.use_post_quant_conv:
+            z_bhwc = self.post_quant_conv(z_bhwc)
+        return self.decoder(z_bhwc)
+
+    def __call__(self, x_bhwc: jax.Array) -> jax.Array:
+        return self.decode(self.encode(x_bhwc)[0])
