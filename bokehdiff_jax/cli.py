@@ -23,7 +23,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bokehdiff-jax", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="bokehdiff-jax",
+        description="BokehDiff in JAX: lens blur, data synthesis, weight conversion, benchmarks.",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)

@@ -26,13 +26,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--threads", type=int, default=0, help="1: both sides single-threaded (steadier on a shared machine)"
     )
-    parser.add_argument(
-        "--vanilla",
-        choices=("attend", "layers"),
-        default="attend",
-        help="attention of the small run: the package's attend (default), or models.layers."
-        "dot_product_attention in every layer (what attend's vanilla path would gain)",
-    )
     parser.add_argument("--skip-small", action="store_true", help="only the full-SDXL abstract analysis")
     parser.add_argument("--skip-sdxl", action="store_true", help="only the small-model timing")
 
@@ -175,17 +168,7 @@ def run(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(1)
     if not args.skip_small:
-        if args.vanilla == "layers":
-            from unittest import mock
-
-            from bokehdiff_jax.models import layers, unet_blocks
-
-            with mock.patch.object(
-                unet_blocks, "attend", lambda q, k, v, **_: layers.dot_product_attention(q, k, v)
-            ):
-                _small(args.latent, args.repeats)
-        else:
-            _small(args.latent, args.repeats)
+        _small(args.latent, args.repeats)
     if not args.skip_sdxl:
         _sdxl(args.sdxl_latent)
     return 0

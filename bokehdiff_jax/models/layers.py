@@ -79,13 +79,20 @@ def _torch_path(names: tuple[str, ...]) -> str:
 def diffusers_path(module: nn.Module) -> str:
     """The diffusers module path of ``module`` below the nearest ``ModelRoot`` (or the tree root),
     e.g. ``down_blocks.1.attentions.0.transformer_blocks.0.attn1`` for the linen path
-    ``down_blocks_1/attentions_0/transformer_blocks_0/attn1``."""
-    names = []
-    m = module
-    while isinstance(m, nn.Module) and not isinstance(m, ModelRoot) and m.name is not None:
-        names.append(m.name)
+    ``down_blocks_1/attentions_0/transformer_blocks_0/attn1``.
+
+    Read from the scope path, which lifted transforms (``nn.remat``) keep whole; the parent chain they
+    cut short is only used to find a ``ModelRoot`` above, whose own prefix is dropped. When a lifted
+    transform hides the root, the model is taken to be the root of ``apply`` (how the package uses it).
+    """
+    path = tuple(module.scope.path)
+    m = module.parent
+    while isinstance(m, nn.Module):
+        if isinstance(m, ModelRoot):
+            path = path[len(m.scope.path) :]
+            break
         m = m.parent
-    return _torch_path(tuple(reversed(names)))
+    return _torch_path(path)
 
 
 def _lora_pair(
