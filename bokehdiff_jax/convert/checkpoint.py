@@ -9,7 +9,7 @@ Checkpoint format (version 1), a folder::
       unet/config.json            the diffusers config.json, verbatim
       unet/params.safetensors     Flax params, Flax layout (conv HWIO, dense (in, out)), all in the
                                   manifest's dtype; key = "/".join(Flax path), e.g.
-                                  "down_blocks.1/attentions.0/proj_in/kernel"
+                                  "down_blocks_1/attentions_0/proj_in/kernel"
       vae/config.json, vae/params.safetensors     the same for the VAE
       prompt_embeds.safetensors   optional: the fixed prompt (SPEC section 3) encoded once:
                                   "prompt_embeds" [1, 77, 2048] and "text_embeds" [1, 1280], float32;
