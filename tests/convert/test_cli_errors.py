@@ -6,17 +6,16 @@ import json
 import pickle
 import struct
 
+import diffusers
 import numpy as np
 import pytest
+import torch
 
 from bokehdiff_jax import cli
 from bokehdiff_jax.convert import checkpoint
 from bokehdiff_jax.convert.safetensors_io import save_dict
 from bokehdiff_jax.errors import InputError
 from bokehdiff_jax.models.configs import UNetConfig, VAEConfig
-
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
 
 
 @pytest.fixture(scope="module")

@@ -7,19 +7,18 @@ from __future__ import annotations
 
 import json
 
+import diffusers
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+import torch
 
 from bokehdiff_jax import cli
 from bokehdiff_jax.convert import checkpoint, load_unet, load_vae, mapping
 from bokehdiff_jax.convert.safetensors_io import SafetensorsFile
 from bokehdiff_jax.models.configs import UNetConfig, VAEConfig
-
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
 
 RTOL = 1e-4  # max |flax - torch| <= RTOL * max |torch|, fp32
 

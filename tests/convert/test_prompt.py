@@ -6,18 +6,17 @@ from __future__ import annotations
 import json
 import sys
 
+import diffusers
 import numpy as np
 import pytest
+import torch
+import transformers
 
 from bokehdiff_jax import cli
 from bokehdiff_jax.convert import checkpoint, load_prompt_embeds, load_unet
 from bokehdiff_jax.convert.prompt import FIXED_PROMPT, encode_prompt
 from bokehdiff_jax.errors import InputError
 from bokehdiff_jax.models.configs import UNetConfig, VAEConfig
-
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
-transformers = pytest.importorskip("transformers")
 
 
 def _tokenizer(tmp_path, max_length: int):

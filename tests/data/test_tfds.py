@@ -3,13 +3,12 @@
 import grain
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
 import bokehdiff_jax.cli
 from bokehdiff_jax.data.cli import list_items, read_item
 from bokehdiff_jax.data.pipeline import make_loader
 from bokehdiff_jax.errors import InputError
-
-tfds = pytest.importorskip("tensorflow_datasets")
 
 
 def test_synbokeh_round_trip(input_dirs, tmp_path, monkeypatch):

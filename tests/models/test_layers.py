@@ -3,11 +3,9 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
+import torch
 
 from bokehdiff_jax.models.layers import GroupNorm, dot_product_attention
-
-torch = pytest.importorskip("torch")
 
 
 def test_dot_product_attention_matches_jax_values_and_gradients():

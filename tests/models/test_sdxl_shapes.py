@@ -1,16 +1,14 @@
 """The full SDXL U-Net and VAE from abstract shapes only: the same tensors as diffusers' models."""
 
+import diffusers
 import jax
 import numpy as np
-import pytest
+import torch
 
 from bokehdiff_jax.convert.mapping import torch_shape
 from bokehdiff_jax.models.configs import UNetConfig, VAEConfig
 from bokehdiff_jax.models.unet import UNet2DConditionModel
 from bokehdiff_jax.models.vae import AutoencoderKL
-
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
 
 
 def _as_diffusers(abstract) -> dict[str, tuple[int, ...]]:

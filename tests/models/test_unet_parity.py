@@ -2,20 +2,19 @@
 
 import dataclasses
 
+import diffusers
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import tiny_configs
+import torch
 from parity_utils import assert_close, flax_params, nchw, nhwc, perturbed
 
 from bokehdiff_jax.models import unet_blocks
 from bokehdiff_jax.models.configs import UNetConfig
 from bokehdiff_jax.models.layers import SPEC_LORA_TARGETS, LoRAConfig
 from bokehdiff_jax.models.unet import UNet2DConditionModel
-
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
 
 SIZE = (10, 14)  # not multiples of the downsampling factor: exercises upsampling to the skip's size
 
@@ -94,7 +93,8 @@ def _peft_to_flax(lora_abstract, state_dict):
 
 
 def test_lora_matches_peft(sdxl):
-    peft = pytest.importorskip("peft")
+    import peft
+
     cfg, _, _, params = sdxl
     torch.manual_seed(0)  # the fixture's model again, then LoRA on top
     model = perturbed(diffusers.UNet2DConditionModel(**tiny_configs.UNETS["sdxl"]), 0)

@@ -1,16 +1,15 @@
 """Flax VAE vs diffusers' PyTorch AutoencoderKL on the shared tiny configs, every weight mapped."""
 
+import diffusers
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import tiny_configs
+import torch
 from parity_utils import assert_close, flax_params, nchw, nhwc, perturbed
 
 from bokehdiff_jax.models.configs import VAEConfig
 from bokehdiff_jax.models.vae import AutoencoderKL
-
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
 
 
 def _setup(name):

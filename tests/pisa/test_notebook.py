@@ -2,10 +2,8 @@
 
 import pathlib
 
-import pytest
-
-nbformat = pytest.importorskip("nbformat")
-nbclient = pytest.importorskip("nbclient")
+import nbclient
+import nbformat
 
 NOTEBOOK = pathlib.Path(__file__).resolve().parents[2] / "notebooks" / "pisa_variants.ipynb"
 
