@@ -23,6 +23,10 @@ from pathlib import Path
 import numpy as np
 
 BACKGROUNDS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg")
+# Every name the demo writes into its folder (an earlier demo there may be replaced, nothing else).
+DEMO_FILES = (
+    r"index\.html|samples\.json|inputs|motorcycle(_disparity)?\.png|stack_\d+\.png|sample_\d+_[a-z]+\.png"
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -210,15 +214,16 @@ def build(out: Path, args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bokehdiff_jax.atomic import atomic_path
+    from bokehdiff_jax.atomic import atomic_path, check_output_folder
     from bokehdiff_jax.errors import InputError
 
     for name in ("image_size", "stack", "synth_size", "rays_max"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.samples < 0 or args.procedural < 0 or args.strength < 0:
+    if args.samples < 0 or args.procedural < 0 or not (0 <= args.strength < float("inf")):
         raise InputError("--samples, --procedural and --strength must be >= 0")
     out = Path(args.out)
+    check_output_folder(out, DEMO_FILES)  # replaced whole: only an earlier demo may be there
     with atomic_path(out, is_dir=True) as tmp:
         summary = build(tmp, args)
     print(f"demo written to {out / 'index.html'} ({summary['total_seconds']} s)")

@@ -148,6 +148,23 @@ def _scene(size: int, seed: int = 0):
     return np.stack([bg, fg]), planes
 
 
+def _check_args(args: argparse.Namespace) -> list[int]:
+    """The sizes to run; bad flags are an ``InputError`` (one line, exit 2) before any work."""
+    from bokehdiff_jax.errors import InputError
+
+    try:
+        sizes = [int(s) for s in args.sizes.split(",")]
+    except ValueError:
+        raise InputError(f"--sizes expects comma-separated integers, got {args.sizes!r}") from None
+    if min(sizes) < 16:
+        raise InputError(f"--sizes must be >= 16 px each, got {args.sizes}")
+    if not (0 < args.strength < math.inf) or args.layers < 3 or args.rays < 1:
+        raise InputError("need --strength > 0 (finite), --layers >= 3 and --rays >= 1")
+    if args.repeats < 1 or args.numpy_repeats < 1:
+        raise InputError("--repeats and --numpy-repeats must be >= 1")
+    return sizes
+
+
 def run(args: argparse.Namespace) -> int:
     import jax
 
@@ -160,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
         render_scatter,
     )
 
-    sizes = [int(s) for s in args.sizes.split(",")]
+    sizes = _check_args(args)
     focus = 0.2
     print(
         f"jax {jax.__version__} on {jax.devices()[0].platform}; K = {args.strength} px, focus {focus}, "

@@ -280,6 +280,7 @@ def from_diffusers(
     src = Path(src)
     if not src.is_dir():
         raise InputError(f"{src}: no such folder (expected a diffusers model or pipeline folder)")
+    _check_dst_apart(src, dst)
     np_dtype = parse_dtype(dtype) if dtype is not None else None
     found = _components_in(src)
     with_prompt = prompt_embeds and all(
@@ -308,6 +309,13 @@ def from_diffusers(
     return manifest
 
 
+def _check_dst_apart(src: Path, dst: str | os.PathLike) -> None:
+    """Refuses a ``dst`` that is ``src`` or a folder above it: replacing it would delete the source."""
+    s, d = src.resolve(), Path(dst).resolve()
+    if d == s or d in s.parents:
+        raise InputError(f"{dst}: the output folder must not be the source {src} or contain it")
+
+
 def to_diffusers(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
     """Our checkpoint (or one component folder of it) -> diffusers ``unet/`` and/or ``vae/`` folders.
 
@@ -321,6 +329,7 @@ def to_diffusers(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
         found = [(c, src / c) for c in COMPONENTS if _is_ours(src / c)]
     else:
         raise InputError(f"{src}: not a bokehdiff_jax checkpoint (no {MANIFEST} or {PARAMS})")
+    _check_dst_apart(src, dst)
     with atomic_path(dst, is_dir=True) as tmp:
         for c, folder in found:
             out = tmp / c

@@ -152,6 +152,8 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--start and --workers must be >= 0, got {args.start} and {args.workers}")
     config = config_from_args(args)
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} exists and is not a folder")
     inputs = scan_inputs(args.fg, args.bg, config)
     run_desc = {
         "config": dataclasses.asdict(config),
@@ -169,7 +171,10 @@ def run(args: argparse.Namespace) -> int:
                 f"{out} holds a different synth run (differs in: {', '.join(diff)}); "
                 "use a new --out folder or the same settings to resume"
             )
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot create --out {out}: {e.strerror or e}") from None
     with atomic_path(manifest) as tmp:
         tmp.write_text(json.dumps(dict(run_desc, n=max(args.start + args.num, _old_n(manifest))), indent=1))
     with atomic_path(out / "report.txt") as tmp:

@@ -77,6 +77,12 @@ class SynthConfig:
                 0 < self.fg_scale[0] <= self.fg_scale[1] <= 1,
                 "fg_scale must be (lo, hi) with 0 < lo <= hi <= 1",
             ),
+            (1 <= self.rays_min <= self.rays_max, "need 1 <= rays_min <= rays_max"),
+            (self.ray_multiple >= 1 and self.pad_multiple >= 1, "ray_multiple and pad_multiple must be >= 1"),
+            (
+                0 <= self.fg_flip_prob <= 1 and 0 <= self.fg_focus_prob <= 1,
+                "fg_flip_prob and fg_focus_prob must be in [0, 1]",
+            ),
             (
                 1 <= self.bg_zoom[0] <= self.bg_zoom[1],
                 "bg_zoom must be (lo, hi) with 1 <= lo <= hi (crops only)",
@@ -253,7 +259,8 @@ def scan_folder(folder: str | os.PathLike, role: str, config: SynthConfig) -> tu
             load(path, config)
             note = _pil_note(path, config.max_input_side)
         except InputError as e:
-            report.skipped.append((str(path), str(e)))
+            reason = str(e)  # the report names the file already
+            report.skipped.append((str(path), reason.removeprefix(f"{path}: ")))
             continue
         except Exception as e:  # a decoder failure on a bad file must never stop the scan
             report.skipped.append((str(path), f"unreadable: {type(e).__name__}: {e}"))

@@ -109,6 +109,35 @@ def _per_block(value: Any, n: int, key: str) -> tuple[int, ...]:
     raise InputError(f"U-Net config: {key} must be an int or a list of {n} ints, got {value!r}")
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _tuple_of(v: Any, ok: Any) -> bool:
+    return isinstance(v, tuple) and all(ok(x) for x in v)
+
+
+_TYPE_CHECKS: dict[str, tuple[str, Any]] = {
+    "int": ("an int", _is_int),
+    "int | None": ("an int or null", lambda v: v is None or _is_int(v)),
+    "float": ("a number", lambda v: _is_int(v) or isinstance(v, float)),
+    "bool": ("true or false", lambda v: isinstance(v, bool)),
+    "tuple[int, ...]": ("a list of ints", lambda v: _tuple_of(v, _is_int)),
+    "tuple[str, ...]": ("a list of names", lambda v: _tuple_of(v, lambda x: isinstance(x, str))),
+}
+
+
+def _check_types(cfg: Any, what: str) -> None:
+    """A config value of the wrong JSON type (``"2"`` for ``2``) is an ``InputError`` naming the key."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name == "sample_size":  # metadata only: diffusers allows an int or an (h, w) list
+            continue
+        expected, ok = _TYPE_CHECKS.get(f.type, (None, None))
+        if ok is not None and not ok(value):
+            raise InputError(f"{what} config: {f.name} must be {expected}, got {value!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class UNetConfig:
     """A diffusers ``UNet2DConditionModel`` of the SDXL family (ResNet blocks, linear-projection
@@ -140,6 +169,7 @@ class UNetConfig:
     sample_size: int | None = 128
 
     def __post_init__(self) -> None:
+        _check_types(self, "U-Net")
         n = len(self.block_out_channels)
         for name in (
             "down_block_types",
@@ -256,6 +286,10 @@ class UNetConfig:
             )
         except KeyError as e:
             raise InputError(f"U-Net config: missing key {e.args[0]!r}") from None
+        except InputError:
+            raise
+        except (TypeError, ValueError) as e:  # a value of the wrong type, e.g. a string for a list
+            raise InputError(f"U-Net config: malformed value ({e})") from None
 
     def to_diffusers(self) -> dict[str, Any]:
         """The equivalent diffusers ``UNet2DConditionModel`` config (for building reference models)."""
@@ -301,6 +335,7 @@ class VAEConfig:
     sample_size: int | None = 1024
 
     def __post_init__(self) -> None:
+        _check_types(self, "VAE")
         for c in self.block_out_channels:
             if c % self.norm_num_groups:
                 raise InputError(
@@ -347,7 +382,12 @@ class VAEConfig:
             "scaling_factor": 0.18215,
             "sample_size": 32,
         }
-        return cls(**{**base, **d})
+        try:
+            return cls(**{**base, **d})
+        except InputError:
+            raise
+        except (TypeError, ValueError) as e:  # a value of the wrong type, e.g. a string for a list
+            raise InputError(f"VAE config: malformed value ({e})") from None
 
     def to_diffusers(self) -> dict[str, Any]:
         n = len(self.block_out_channels)

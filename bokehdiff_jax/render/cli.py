@@ -19,6 +19,9 @@ from pathlib import Path
 
 from bokehdiff_jax.errors import InputError
 
+# What a focal-stack folder holds (an earlier stack in it may be replaced, nothing else).
+STACK_FILES = r"focus_\d+_d\d+\.\d+\.png|contact_sheet\.png"
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("image", help="input photo (PNG, JPEG, ...; sRGB)")
@@ -82,6 +85,12 @@ def _check_args(args: argparse.Namespace) -> None:
         )
     if args.focal_stack is not None and args.focal_stack < 1:
         raise InputError(f"--focal-stack must be >= 1, got {args.focal_stack}")
+    if args.focal_stack is not None and not (
+        args.focus is None and args.focus_at is None and args.focus_box is None
+    ):
+        raise InputError(
+            "--focal-stack focuses from the farthest to the nearest disparity itself; drop --focus*"
+        )
     if not (math.isfinite(args.strength) and args.strength >= 0):
         raise InputError(f"--strength must be a finite number >= 0 (pixels), got {args.strength}")
     if args.focus is not None and not (0.0 <= args.focus <= 1.0):
@@ -97,6 +106,7 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def _output_path(args: argparse.Namespace) -> Path:
+    from bokehdiff_jax.atomic import check_output_folder
     from bokehdiff_jax.data.io import IMAGE_WRITE_FORMATS
 
     image = Path(args.image)
@@ -104,6 +114,7 @@ def _output_path(args: argparse.Namespace) -> Path:
         out = Path(args.out) if args.out else image.with_name(f"{image.stem}_focal_stack")
         if out.suffix.lower() in IMAGE_WRITE_FORMATS or out.is_file():
             raise InputError(f"--out {out}: with --focal-stack the output is a folder, not an image file")
+        check_output_folder(out, STACK_FILES)  # the folder is replaced whole: never a user's other files
         return out
     out = Path(args.out) if args.out else image.with_name(f"{image.stem}_bokeh.png")
     if out.suffix.lower() not in IMAGE_WRITE_FORMATS:
@@ -153,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
             f"is {image.shape[1]}x{image.shape[0]}; they must match"
         )
     for note in notes:
-        print(f"note: {note}", file=sys.stderr)
+        print(note if note.startswith("warning:") else f"note: {note}", file=sys.stderr)
 
     if args.focus is not None:
         focus = float(args.focus)
@@ -168,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
 
     # The static radius bound: just enough for this render, so small blurs stay cheap.
     lo, hi = float(disparity.min()), float(disparity.max())
-    worst = (hi - lo) if focus is None else max(abs(hi - focus), abs(focus - lo))
+    worst = (hi - lo) if focus is None else max(abs(hi - focus), abs(focus - lo))  # focus None: a stack
     needed = math.ceil(args.strength * worst)
     if needed > args.max_radius:
         print(f"note: CoC radii up to {needed} px clipped to --max-radius {args.max_radius}", file=sys.stderr)

@@ -71,6 +71,10 @@ def _break(case: str, folder):
     if case == "not_a_model":
         (folder / "config.json").write_text(json.dumps({"_class_name": "ControlNetModel"}))
         return "not a diffusers model folder|not a supported model"
+    if case == "config_wrong_type":
+        cfg = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**cfg, "layers_per_block": "1"}))
+        return "layers_per_block must be an int"
     if case == "bad_config":
         (folder / "config.json").write_text("{not json")
         return "not valid JSON"
@@ -87,6 +91,7 @@ CASES = [
     "wrong_tensors",
     "not_a_model",
     "bad_config",
+    "config_wrong_type",
 ]
 
 
@@ -112,6 +117,25 @@ def test_to_diffusers_refuses_a_folder_that_is_not_ours(vae_folder, tmp_path, ca
     assert cli.main(["convert", "to-diffusers", str(vae_folder), str(tmp_path / "out")]) == 2
     assert "not a bokehdiff_jax checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_output_over_the_source_is_refused(vae_folder, tmp_path, capsys, monkeypatch):
+    """DST equal to SRC, or a folder above it, would be replaced by the output: the source would be lost."""
+    monkeypatch.setattr(cli, "COMMANDS", {"convert": cli.COMMANDS["convert"]})
+    (tmp_path / "pipe").mkdir()
+    src = _copy(vae_folder, tmp_path / "pipe" / "vae")
+    before = sorted(p.name for p in src.iterdir())
+    for dst in (src, src.parent, tmp_path):
+        capsys.readouterr()
+        assert cli.main(["convert", "from-diffusers", str(src), str(dst)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "must not be the source" in err and err.count("\n") == 1
+    assert sorted(p.name for p in src.iterdir()) == before
+    ours = tmp_path / "ours"
+    assert cli.main(["convert", "from-diffusers", str(src), str(ours)]) == 0
+    assert cli.main(["convert", "to-diffusers", str(ours), str(ours)]) == 2
+    assert "must not be the source" in capsys.readouterr().err
+    assert (ours / "bokehdiff_jax.json").is_file()
 
 
 def test_our_checkpoint_is_checked_strictly(tmp_path):

@@ -182,6 +182,7 @@ def test_input_hygiene(tmp_path, tiny_config):
     assert "fully transparent" in skipped["c_transparent.png"]
     assert "too small" in skipped["d_tiny.png"]
     assert "not an image" in skipped["notes.txt"]
+    assert skipped["e_corrupt.png"].startswith("corrupt")  # the reason, not the path a second time
     assert (
         "P converted" in dict((p.split("/")[-1], r) for p, r in inputs.fg_report.converted)["f_palette.png"]
     )

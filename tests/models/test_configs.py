@@ -2,12 +2,15 @@
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
-from conftest import SHARED
 
 from bokehdiff_jax.errors import InputError
 from bokehdiff_jax.models.configs import SDXL_CONFIG_DIR, UNetConfig, VAEConfig
+
+# The project's reference copy of the public configs, beside the checkout (../shared/sdxl).
+SHARED = Path(__file__).resolve().parents[3] / "shared"
 
 
 def test_shipped_configs_are_the_public_sdxl_ones():
@@ -51,6 +54,9 @@ def test_config_folder_and_metadata_keys(tmp_path):
         ("cross_attention_dim", [2048, 2048, 2048], "cross_attention_dim must be one int"),
         ("transformer_layers_per_block", [1, 2], "transformer_layers_per_block"),
         ("up_block_types", ["CrossAttnUpBlock2D", "UpBlock2D", "AttnUpBlock2D"], "AttnUpBlock2D"),
+        ("block_out_channels", "abc", "block_out_channels must be a list of ints"),
+        ("layers_per_block", "2", "layers_per_block must be an int, got '2'"),
+        ("norm_num_groups", 32.0, "norm_num_groups must be an int"),
     ],
 )
 def test_unet_config_rejects_what_it_cannot_build(key, value, match):
@@ -68,6 +74,10 @@ def test_vae_config_rejects_what_it_cannot_build(tmp_path):
         VAEConfig.from_diffusers({**d, "down_block_types": ["DownEncoderBlock2D"]})
     with pytest.raises(InputError, match="no diffusers config"):
         VAEConfig.from_diffusers(tmp_path / "missing.json")
+    with pytest.raises(InputError, match="norm_num_groups must be an int"):
+        VAEConfig.from_diffusers({**d, "norm_num_groups": "32"})
+    with pytest.raises(InputError, match="force_upcast must be true or false"):
+        VAEConfig.from_diffusers({**d, "force_upcast": "no"})
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(InputError, match="not valid JSON"):
         VAEConfig.from_diffusers(tmp_path / "bad.json")

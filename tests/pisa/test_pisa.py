@@ -227,3 +227,49 @@ def test_released_units_mapping():
     radius = np.abs(d_tok - float(f[0])) * float(s[0]) * 8.0 / 10.0
     expected = -np.logaddexp(0.0, -cfg.hardness * (radius[None, :] - dist))  # log sigmoid
     np.testing.assert_allclose(np.asarray(bias[0, 0]), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_dropout_and_jitter_only_in_training():
+    """SPEC 6: no dropout and no random jitter at inference, so no key is needed and runs repeat exactly."""
+    grid = (4, 6)
+    q, k, v, disp, f, s = make_inputs(10, 1, grid, 2, 4, (16, 24))
+    plain = jitted(PisaConfig(impl="dense"), grid)(q, k, v, disp, f, s)
+    for impl in IMPLS:
+        cfg = PisaConfig(impl=impl, dropout=0.5, train_occlusion_clamp=0.5, block_q=8, block_k=8)
+        a = jitted(cfg, grid)(q, k, v, disp, f, s)
+        np.testing.assert_array_equal(a, jitted(cfg, grid)(q, k, v, disp, f, s))
+        _close(a, plain)  # as if dropout and the clamp did not exist
+        trained = jitted(cfg, grid, train=True)(q, k, v, disp, f, s, None, jax.random.key(3))
+        assert np.abs(np.asarray(trained) - np.asarray(a)).max() > 1e-3
+
+
+@pytest.mark.parametrize("t_from_query", [False, True])
+def test_disparity_one_is_clamped(t_from_query):
+    """SPEC 6: disparity exactly 1 (a point on the lens) must not divide by zero, forward or backward."""
+    grid = (4, 4)
+    q, k, v, disp, f, s = make_inputs(11, 1, grid, 1, 4, (16, 16))
+    disp = disp.at[:, :8, :8].set(1.0)
+    for impl in ("dense", "blockwise"):
+        cfg = PisaConfig(impl=impl, t_from_query=t_from_query, block_q=8, block_k=8)
+        fn = jitted(cfg, grid)
+        assert np.all(np.isfinite(np.asarray(fn(q, k, v, disp, f, s))))
+        loss = lambda q, k, v, fn=fn: jnp.sum(fn(q, k, v, disp, f, s) ** 2)
+        grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+        assert all(np.all(np.isfinite(np.asarray(g))) for g in grads)
+
+
+def test_non_square_grid_geometry():
+    """SPEC 6: the true (h, w) is used, x and y are not swapped, and the CoC is a circle in image pixels
+    even when the tokens are not square (here 4 x 8 pixels). Expected values derived here independently."""
+    grid, image = (3, 5), (12, 40)
+    q, k, _, disp, f, s = make_inputs(12, 1, grid, 1, 4, image)
+    w, tokens = weights(PisaConfig(occlusion=False, hardness=math.inf), grid, q, k, disp, f, s)
+    rows, cols = np.divmod(np.arange(15), 5)  # row-major: token t is at (row, col) = divmod(t, w)
+    xy = np.stack([(cols + 0.5) * 40 / 5, (rows + 0.5) * 12 / 3], axis=-1)
+    np.testing.assert_allclose(np.asarray(tokens.xy), xy, rtol=1e-6)
+    d_tok = np.asarray(disp[0], np.float64).reshape(3, 4, 5, 8).mean(axis=(1, 3)).ravel()
+    np.testing.assert_allclose(np.asarray(tokens.disp[0]), d_tok, rtol=1e-5)
+    radius = float(s[0]) * np.abs(d_tok - float(f[0]))
+    inside = np.linalg.norm(xy[:, None] - xy[None], axis=-1) < radius[None, :]
+    assert 0 < inside.sum() < inside.size
+    np.testing.assert_array_equal(w[0, 0] > 0, inside)

@@ -118,6 +118,7 @@ def test_notes_go_to_stderr(main, inputs, capsys):
         (["--focus", 0.5, "--strength", 4, "--disparity", "big.npy"], "--normalize"),
         (["--strength", 4, "--disparity", "disp.npy"], "--focus"),
         (["--focus", 1.5, "--strength", 4, "--disparity", "disp.npy"], "[0, 1]"),
+        (["--focus", 0.5, "--strength", 4, "--disparity", "disp.npy", "--focal-stack", 2], "drop --focus"),
         (["--focus", 0.5, "--strength", -1, "--disparity", "disp.npy"], "--strength"),
         (["--focus-at", "99,2", "--strength", 4, "--disparity", "disp.npy"], "outside"),
         (["--focus", 0.5, "--strength", 4, "--disparity", "disp.npy", "--aperture-blades", 2], "blades"),
@@ -164,3 +165,84 @@ def test_bad_out_extension_and_stack_into_file(main, inputs, capsys):
     )
     assert rc == 2
     assert not (root / "x.tiff").exists() and not (root / "x.png").exists()
+
+
+def test_focal_stack_never_replaces_a_users_folder(main, inputs, capsys):
+    root, _, _ = inputs
+    args = [root / "photo.png", "--disparity", root / "disp.npy", "--strength", 3, "--focal-stack", 2]
+    mine = root / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    assert main(*args, "--out", mine) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "notes.txt" in err[0]
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    # An earlier stack (or an empty folder) is replaced whole.
+    stack = root / "stack"
+    assert main(*args, "--out", stack) == 0
+    assert main(*args, "--out", stack, "--strength", 4) == 0
+    assert len(list(stack.iterdir())) == 3
+
+
+def test_outputs_get_the_umask_mode_and_unwritable_out_is_an_error(main, inputs, capsys):
+    import os
+    import stat
+
+    root, _, _ = inputs
+    args = [root / "photo.png", "--disparity", root / "disp.npy", "--focus", 0.5, "--strength", 3]
+    old = os.umask(0o022)
+    try:
+        assert main(*args, "--out", root / "res.png") == 0
+        assert main(*args[:3], "--strength", 3, "--focal-stack", 2, "--out", root / "st") == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((root / "res.png").stat().st_mode) == 0o644
+    assert stat.S_IMODE((root / "st").stat().st_mode) == 0o755
+    capsys.readouterr()
+    blocker = root / "blocker"
+    blocker.write_text("a file where a folder is needed")
+    assert main(*args, "--out", blocker / "res.png") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: cannot write") and not any("Traceback" in e for e in err)
+    assert [p.name for p in root.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        ({"sizes": "abc"}, "--sizes"),
+        ({"sizes": "64,8"}, ">= 16"),
+        ({"strength": 0.0}, "--strength"),
+        ({"rays": 0}, "--rays"),
+        ({"repeats": 0}, "--repeats"),
+    ],
+)
+def test_bench_render_rejects_bad_flags_before_work(flags, message):
+    import argparse
+
+    from bokehdiff_jax.bench import render as bench_render
+    from bokehdiff_jax.errors import InputError
+
+    parser = argparse.ArgumentParser()
+    bench_render.add_arguments(parser)
+    args = parser.parse_args([])
+    assert bench_render._check_args(args) == [512, 1024]
+    for k, v in flags.items():
+        setattr(args, k, v)
+    with pytest.raises(InputError, match=message):
+        bench_render._check_args(args)
+
+
+def test_depth_like_map_warns_and_flip_disparity_fixes_it(main, inputs, capsys):
+    root, _, _ = inputs
+    yy, xx = np.mgrid[0:24, 0:32]
+    # Disparity of a typical photo: the subject (centre) and the ground (bottom) are near. Saved flipped.
+    disp = np.clip(0.2 + 0.4 * yy / 24 + 0.4 * np.exp(-((yy - 12) ** 2 + (xx - 16) ** 2) / 40), 0, 1)
+    np.save(root / "depth_like.npy", (1 - disp).astype(np.float32))
+    args = [root / "photo.png", "--disparity", root / "depth_like.npy", "--focus", 0.5, "--strength", 2]
+    assert main(*args, "--out", root / "a.png") == 0
+    warnings = [e for e in capsys.readouterr().err.splitlines() if e.startswith("warning:")]
+    assert len(warnings) == 1 and "looks flipped" in warnings[0] and "--flip-disparity" in warnings[0]
+    assert main(*args, "--flip-disparity", "--out", root / "b.png") == 0
+    err = capsys.readouterr().err
+    assert "flipped disparity" in err and "warning" not in err

@@ -122,9 +122,10 @@ def psnr(a, b):
     return float(10 * np.log10(1.0 / np.mean((np.asarray(a) - np.asarray(b)) ** 2)))
 
 
-# Measured on this scene (48 px, two layers, smooth tilted background, K = 12): 40.4 / 36.3 / 37.2 dB
+# Measured on this scene (48 px, two layers, smooth tilted background, K = 12): 40.1 / 36.8 / 37.2 dB
 # at focus 0.2 / 0.45 / 0.7 (the error sits at the foreground's blurred edge, where the tracer sees the
-# true background behind it and the scatter renderer must guess it). Without hole filling: ~28 dB.
+# true background behind it and the scatter renderer must guess it). Without hole filling: 25.1 dB at
+# focus 0.2 (reported in BENCHMARKS.md).
 PSNR_FLOOR = 34.0
 
 

@@ -75,4 +75,15 @@ def test_synth_error_exits(main, input_dirs, tmp_path, capsys):
     assert main(_args(fg, tmp_path / "nope", tmp_path / "o2", 1)) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(_args(fg, bg, tmp_path / "o3", 0)) == 2
+    capsys.readouterr()
+    (tmp_path / "afile").write_text("x")
+    assert main(_args(fg, bg, tmp_path / "afile", 1)) == 2
+    assert "not a folder" in capsys.readouterr().err
+    assert main(_args(fg, bg, tmp_path / "afile" / "sub", 1)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot create") and err.count("\n") == 1
+    assert (tmp_path / "afile").read_text() == "x"
+    # Settings the renderer would reject mid-run are refused up front, before anything is written.
+    assert main(_args(fg, bg, tmp_path / "o4", 1, "--rays-max", "0")) == 2
+    assert "rays_min <= rays_max" in capsys.readouterr().err and not (tmp_path / "o4").exists()
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o3" / "items").exists()
