@@ -4,6 +4,10 @@ Pixels in and out are in ``[-1, 1]`` (diffusers' convention; the pipeline maps t
 images). ``encode`` returns the latent distribution's mean and log-variance *before* scaling;
 BokehDiff uses ``z = mean * scaling_factor`` (SPEC section 3). SDXL's VAE overflows in fp16
 (``force_upcast``): keep ``dtype`` fp32 or bf16.
+
+For images too large for one pass, ``vae_tiling.encode_tiled`` / ``decode_tiled`` compute the same
+encode / decode layer by layer over spatial tiles (global GroupNorm statistics, whole-map mid-block
+attention), so the result equals the untiled one while device memory holds about one tile.
 """
 
 from __future__ import annotations
