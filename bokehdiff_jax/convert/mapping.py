@@ -6,9 +6,8 @@ with each numeric index joined to the preceding name by ``"_"``::
     down_blocks.1.attentions.0.transformer_blocks.1.attn1.to_out.0.weight
     <-> ("down_blocks_1", "attentions_0", "transformer_blocks_1", "attn1", "to_out_0", "kernel")
 
-A linen name may also be a dotted diffusers path verbatim (``"down_blocks.1"``, ``"net.0.proj"``):
-``flax_module_to_torch`` accepts both spellings, and diffusers -> Flax looks keys up in the inverse
-table built from the target tree, so it follows whichever spelling the model uses.
+There is one spelling: a linen name holding a ``"."`` is an error, so a checkpoint's keys never
+depend on how a model happened to name its children.
 
 An index may only follow one of the ``INDEXED_CONTAINERS`` (diffusers' ``ModuleList`` /
 ``Sequential`` attributes); that is what makes the rule invertible (``time_embedding.linear_1`` is a
@@ -136,18 +135,16 @@ def torch_module_to_flax(module: str) -> tuple[str, ...]:
 
 
 def flax_module_to_torch(path: tuple[str, ...]) -> str:
-    """``("down_blocks_1", "attentions_0")`` -> ``"down_blocks.1.attentions.0"``.
-
-    A linen name that already is a dotted diffusers path (``"down_blocks.1"``, ``"net.0.proj"``) is
-    kept verbatim after checking that it obeys the rule, so both spellings map one to one.
-    """
+    """``("down_blocks_1", "attentions_0")`` -> ``"down_blocks.1.attentions.0"``."""
     parts = []
     for name in path:
         head, sep, idx = name.rpartition("_")
         if "." in name:
-            torch_module_to_flax(name)  # validates: indices only after INDEXED_CONTAINERS
-            parts.append(name)
-        elif sep and idx.isdigit() and head in INDEXED_CONTAINERS:
+            raise InputError(
+                f"Flax path {'/'.join(path)!r}: module name {name!r} holds a '.'; "
+                "expected the '_' spelling (down_blocks_1, not down_blocks.1)"
+            )
+        if sep and idx.isdigit() and head in INDEXED_CONTAINERS:
             parts += [head, idx]
         elif name in INDEXED_CONTAINERS:
             raise InputError(f"Flax path {'/'.join(path)!r}: module name {name!r} needs an index")
