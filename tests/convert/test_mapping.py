@@ -121,3 +121,29 @@ def test_dotted_linen_names_are_an_error():
         diffusers_to_flax(t, abstract)
     with pytest.raises(InputError, match="holds a '.'"):
         flax_to_diffusers({"linear.1": {"bias": np.zeros(2)}})
+
+
+class _CountingReads(dict):
+    """A state dict that counts value reads (``keys``/shapes alone must not read data)."""
+
+    def __init__(self, *a):
+        super().__init__(*a)
+        self.reads: dict[str, int] = {}
+
+    def __getitem__(self, k):
+        self.reads[k] = self.reads.get(k, 0) + 1
+        return super().__getitem__(k)
+
+    @property
+    def infos(self):  # what our safetensors readers expose: shapes from the header, no data
+        return {k: S(dict.__getitem__(self, k).shape, np.float32) for k in self}
+
+
+def test_each_source_tensor_is_read_exactly_once_and_only_after_the_check():
+    t = _CountingReads(_torch_tensors(np.random.default_rng(3)))
+    diffusers_to_flax(t, _abstract())
+    assert t.reads == dict.fromkeys(t, 1)
+    bad = _CountingReads({**_torch_tensors(np.random.default_rng(3)), "stray.bias": np.zeros(1, np.float32)})
+    with pytest.raises(MappingError):
+        diffusers_to_flax(bad, _abstract())
+    assert bad.reads == {}  # a mismatch is found from names and shapes before any data is read
