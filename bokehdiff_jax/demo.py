@@ -63,7 +63,7 @@ def motorcycle(longer_side: int) -> tuple[np.ndarray, np.ndarray, str]:
     longer side area-downscaled to ``longer_side`` px, and a note on the filled pixels."""
     import skimage.data
 
-    from bokehdiff_jax.data.io import fill_invalid
+    from bokehdiff_jax.io.images import fill_invalid
     from bokehdiff_jax.physics.optics import area_resize
 
     left, _, disp = skimage.data.stereo_motorcycle()
@@ -214,8 +214,8 @@ def build(out: Path, args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bokehdiff_jax.atomic import atomic_path, check_output_folder
     from bokehdiff_jax.errors import InputError
+    from bokehdiff_jax.io.atomic import atomic_path, check_output_folder
 
     for name in ("image_size", "stack", "synth_size", "rays_max"):
         if getattr(args, name) < 1:

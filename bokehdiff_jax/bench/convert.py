@@ -3,7 +3,7 @@
 1. Writes a random SDXL U-Net (2.57 G params) as ``unet/diffusion_pytorch_model.safetensors`` in bf16
    into a temporary folder, streamed tensor by tensor (names and shapes from the Flax tree via the
    mapping's inverse, so no torch and no full model in memory).
-2. Converts it with ``convert.checkpoint.from_diffusers`` in a fresh subprocess and reports its wall
+2. Converts it with ``convert.weights.from_diffusers`` in a fresh subprocess and reports its wall
    time and peak RSS (``ru_maxrss`` of the child) against the bf16 weight bytes. Goal: <= 1.5x.
 3. Optionally loads the converted checkpoint with ``load_unet`` in another subprocess (its output
    is the whole tree, so ~1x the weights plus the interpreter is the floor there).
@@ -24,7 +24,7 @@ from pathlib import Path
 
 CONVERT_SNIPPET = """
 import sys
-from bokehdiff_jax.convert.checkpoint import from_diffusers
+from bokehdiff_jax.convert.weights import from_diffusers
 from_diffusers(sys.argv[1], sys.argv[2], dtype=sys.argv[3])
 """
 # Each child reports its own peak: RUSAGE_CHILDREN in the parent is a max over all children.
@@ -54,12 +54,12 @@ def write_random_sdxl_unet(folder: Path, seed: int) -> int:
     import ml_dtypes
     import numpy as np
 
-    from bokehdiff_jax.convert import checkpoint, mapping
-    from bokehdiff_jax.convert.safetensors_io import TensorSpec, write_safetensors
+    from bokehdiff_jax.convert import mapping, weights
+    from bokehdiff_jax.io.safetensors_io import TensorSpec, write_safetensors
     from bokehdiff_jax.models.configs import SDXL_CONFIG_DIR
 
     config = json.loads((SDXL_CONFIG_DIR / "unet_config.json").read_text())
-    abstract = checkpoint.abstract_params(checkpoint.build_module("unet", config))
+    abstract = weights.abstract_params(weights.build_module("unet", config))
     bf16 = np.dtype(ml_dtypes.bfloat16)
     specs = []
     for path, leaf in mapping.iter_leaves(abstract):
@@ -72,8 +72,8 @@ def write_random_sdxl_unet(folder: Path, seed: int) -> int:
             yield (0.02 * rng.standard_normal(s.shape, dtype=np.float32)).astype(bf16)
 
     folder.mkdir(parents=True)
-    write_safetensors(folder / checkpoint.DIFFUSERS_WEIGHTS, specs, tensors(), {"format": "pt"})
-    (folder / checkpoint.CONFIG).write_text(json.dumps(config))
+    write_safetensors(folder / weights.DIFFUSERS_WEIGHTS, specs, tensors(), {"format": "pt"})
+    (folder / weights.CONFIG).write_text(json.dumps(config))
     return sum(int(np.prod(s.shape)) * 2 for s in specs)
 
 

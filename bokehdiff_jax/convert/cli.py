@@ -43,11 +43,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import time
 
-    from bokehdiff_jax.convert import checkpoint
+    from bokehdiff_jax.convert import weights
 
     t0 = time.perf_counter()
     if args.direction == "from-diffusers":
-        m = checkpoint.from_diffusers(
+        m = weights.from_diffusers(
             args.src,
             args.dst,
             dtype=None if args.dtype == "keep" else args.dtype,
@@ -56,6 +56,6 @@ def run(args: argparse.Namespace) -> int:
         )
         what = ", ".join(m["components"]) + (" + prompt embeddings" if m["prompt_embeds"] else "")
     else:
-        what = ", ".join(checkpoint.to_diffusers(args.src, args.dst))
+        what = ", ".join(weights.to_diffusers(args.src, args.dst))
     print(f"wrote {args.dst} ({what}) in {time.perf_counter() - t0:.1f} s")
     return 0

@@ -201,7 +201,7 @@ def load_foreground(src: Source, config: SynthConfig) -> np.ndarray:
         if rgba.ndim != 3 or rgba.shape[-1] != 4:
             raise InputError(f"in-memory foreground must be [H, W, 4], got {rgba.shape}")
     else:
-        from bokehdiff_jax.data.io import read_rgba
+        from bokehdiff_jax.io.images import read_rgba
 
         rgba = np.asarray(read_rgba(src), np.float32)
     alpha = np.clip(rgba[..., 3], 0.0, 1.0)
@@ -228,7 +228,7 @@ def load_background(src: Source, config: SynthConfig) -> np.ndarray:
         if rgb.ndim != 3 or rgb.shape[-1] != 3:
             raise InputError(f"in-memory background must be [H, W, 3], got {rgb.shape}")
     else:
-        from bokehdiff_jax.data.io import read_image
+        from bokehdiff_jax.io.images import read_image
 
         rgb = np.asarray(read_image(src), np.float32)
     if min(rgb.shape[:2]) < config.min_bg_side:

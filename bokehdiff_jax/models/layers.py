@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bokehdiff_jax.models.naming import flax_module_to_torch
+
 Dtype = Any
 
 # SPEC section 3: the U-Net modules the released model trains with LoRA (peft ``target_modules``).
@@ -70,9 +72,6 @@ class ModelRoot:
 
 @functools.lru_cache(maxsize=4096)
 def _torch_path(names: tuple[str, ...]) -> str:
-    # The naming rule lives in one place, the converter's table (imported late: convert imports models).
-    from bokehdiff_jax.convert.mapping import flax_module_to_torch
-
     return flax_module_to_torch(names)
 
 

@@ -106,8 +106,8 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def _output_path(args: argparse.Namespace) -> Path:
-    from bokehdiff_jax.atomic import check_output_folder
-    from bokehdiff_jax.data.io import IMAGE_WRITE_FORMATS
+    from bokehdiff_jax.io.atomic import check_output_folder
+    from bokehdiff_jax.io.images import IMAGE_WRITE_FORMATS
 
     image = Path(args.image)
     if args.focal_stack is not None:
@@ -150,8 +150,8 @@ def contact_sheet(images_nhwc, labels: list[str], *, thumb: int = 256):
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from bokehdiff_jax.atomic import atomic_path
-    from bokehdiff_jax.data.io import read_disparity, read_image, write_image
+    from bokehdiff_jax.io.atomic import atomic_path
+    from bokehdiff_jax.io.images import read_disparity, read_image, write_image
     from bokehdiff_jax.physics.optics import focus_at, focus_in_box
 
     _check_args(args)

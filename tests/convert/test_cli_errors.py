@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from bokehdiff_jax import cli
-from bokehdiff_jax.convert import checkpoint
-from bokehdiff_jax.convert.safetensors_io import save_dict
+from bokehdiff_jax.convert import weights
 from bokehdiff_jax.errors import InputError
+from bokehdiff_jax.io.safetensors_io import save_dict
 from bokehdiff_jax.models.configs import UNetConfig, VAEConfig
 
 
@@ -100,7 +100,7 @@ def test_malformed_checkpoints_fail_cleanly(vae_folder, tmp_path, capsys, monkey
     src = _copy(vae_folder, tmp_path / "src")
     pattern = _break(case, src)
     with pytest.raises(InputError, match=pattern):  # the library raises the one clear error...
-        checkpoint.from_diffusers(src, tmp_path / "dst")
+        weights.from_diffusers(src, tmp_path / "dst")
     monkeypatch.setattr(cli, "COMMANDS", {"convert": cli.COMMANDS["convert"]})
     capsys.readouterr()
     rc = cli.main(["convert", "from-diffusers", str(src), str(tmp_path / "dst")])  # ...the CLI prints it
@@ -148,11 +148,11 @@ def test_our_checkpoint_is_checked_strictly(tmp_path):
         tmp_path / "unet" / "params.safetensors", {"conv_in/kernel": np.zeros((3, 3, 4, 7), np.float32)}
     )
     with pytest.raises(InputError, match=r"missing .*shape/kind mismatches: conv_in/kernel"):
-        checkpoint.load_unet(tmp_path)
+        weights.load_unet(tmp_path)
     with pytest.raises(InputError, match="no vae found"):
-        checkpoint.load_vae(tmp_path)
+        weights.load_vae(tmp_path)
 
 
 def test_asking_for_the_wrong_component_says_so(vae_folder):
     with pytest.raises(InputError, match="not a unet"):
-        checkpoint.load_unet(vae_folder)
+        weights.load_unet(vae_folder)

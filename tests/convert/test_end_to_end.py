@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from bokehdiff_jax import cli
-from bokehdiff_jax.convert import checkpoint, load_unet, load_vae, mapping
-from bokehdiff_jax.convert.safetensors_io import SafetensorsFile
+from bokehdiff_jax.convert import load_unet, load_vae, mapping, weights
+from bokehdiff_jax.io.safetensors_io import SafetensorsFile
 from bokehdiff_jax.models.configs import UNetConfig, VAEConfig
 
 RTOL = 1e-4  # max |flax - torch| <= RTOL * max |torch|, fp32
@@ -184,8 +184,8 @@ def test_variant_fp16_and_bf16_round_trip_bit_identical(tmp_path, monkeypatch):
         assert set(fs) == set(fk) and all(
             fs[k].dtype == np.float16 and fs[k].tobytes() == fk[k].tobytes() for k in fs
         )
-    assert json.loads((tmp_path / "k" / checkpoint.MANIFEST).read_text())["dtype"] == "float16"
-    manifest = json.loads((tmp_path / "a" / checkpoint.MANIFEST).read_text())
+    assert json.loads((tmp_path / "k" / weights.MANIFEST).read_text())["dtype"] == "float16"
+    manifest = json.loads((tmp_path / "a" / weights.MANIFEST).read_text())
     assert (
         manifest["format"] == "bokehdiff_jax"
         and manifest["dtype"] == "bfloat16"
@@ -202,7 +202,7 @@ def test_full_sdxl_name_and_shape_coverage(sdxl_config_dir, component, config, n
     with torch.device("meta"):  # shapes only: no weights anywhere
         reference = cls.from_config(cfg)
     shapes = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
-    abstract = checkpoint.abstract_params(checkpoint.build_module(component, cfg))
+    abstract = weights.abstract_params(weights.build_module(component, cfg))
     steps = mapping.plan_diffusers_to_flax(shapes, abstract, what=f"SDXL {component}")
     assert len(shapes) == n_tensors and len(steps) == n_tensors
     assert sum(int(np.prod(s)) for s in shapes.values()) == sum(int(np.prod(s.shape)) for s in steps)

@@ -6,14 +6,9 @@ import jax
 import numpy as np
 import pytest
 
-from bokehdiff_jax.convert.mapping import (
-    MappingError,
-    diffusers_to_flax,
-    flax_module_to_torch,
-    flax_to_diffusers,
-    torch_module_to_flax,
-)
+from bokehdiff_jax.convert.mapping import MappingError, diffusers_to_flax, flax_to_diffusers
 from bokehdiff_jax.errors import InputError
+from bokehdiff_jax.models.naming import flax_module_to_torch, torch_module_to_flax
 
 S = jax.ShapeDtypeStruct
 

@@ -13,7 +13,7 @@ import torch
 import transformers
 
 from bokehdiff_jax import cli
-from bokehdiff_jax.convert import checkpoint, load_prompt_embeds, load_unet
+from bokehdiff_jax.convert import load_prompt_embeds, load_unet, weights
 from bokehdiff_jax.convert.prompt import FIXED_PROMPT, encode_prompt
 from bokehdiff_jax.errors import InputError
 from bokehdiff_jax.models.configs import UNetConfig, VAEConfig
@@ -74,7 +74,7 @@ def test_pipeline_conversion_stores_the_prompt_embeddings(pipeline, tmp_path, mo
     pipe, folder = pipeline
     monkeypatch.setattr(cli, "COMMANDS", {"convert": cli.COMMANDS["convert"]})
     assert cli.main(["convert", "from-diffusers", str(folder), str(tmp_path / "ck"), "--dtype", "bf16"]) == 0
-    manifest = json.loads((tmp_path / "ck" / checkpoint.MANIFEST).read_text())
+    manifest = json.loads((tmp_path / "ck" / weights.MANIFEST).read_text())
     assert manifest["components"] == ["unet", "vae"] and manifest["prompt_embeds"] is True
     got = load_prompt_embeds(tmp_path / "ck")
     with torch.no_grad():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import bokehdiff_jax.cli
-from bokehdiff_jax.data.cli import list_items, read_item
+from bokehdiff_jax.data.items import list_items, read_item
 
 
 @pytest.fixture

@@ -6,8 +6,8 @@ import pytest
 import tensorflow_datasets as tfds
 
 import bokehdiff_jax.cli
-from bokehdiff_jax.data.cli import list_items, read_item
-from bokehdiff_jax.data.pipeline import make_loader
+from bokehdiff_jax.data.items import list_items, read_item
+from bokehdiff_jax.data.loader import make_loader
 from bokehdiff_jax.errors import InputError
 
 

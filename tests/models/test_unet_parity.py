@@ -74,7 +74,7 @@ def test_parity_sdxl_shaped(sdxl):
 
 def _peft_to_flax(lora_abstract, state_dict):
     """peft's lora_A/lora_B weights -> our ``lora`` collection (strict both ways)."""
-    from bokehdiff_jax.convert.mapping import flax_module_to_torch
+    from bokehdiff_jax.models.naming import flax_module_to_torch
 
     sd = {k.replace(".default", ""): v.numpy() for k, v in state_dict.items() if ".lora_" in k}
     out = {}

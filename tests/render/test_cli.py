@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from bokehdiff_jax import cli
-from bokehdiff_jax.data import io
+from bokehdiff_jax.io import images as io
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ or with the TFDS API: ``Synbokeh(data_dir=...).download_and_prepare(download_con
 tfds.download.DownloadConfig(manual_dir="path/to/synth_out"))``. Read it as a random-access source:
 ``tfds.data_source("synbokeh", data_dir=...)["train"]`` (raw uint8/uint16 records) or
 ``SynbokehSource(data_dir)`` (float32 examples with the same keys as ``synthesize``, ready for
-``bokehdiff_jax.data.pipeline.make_loader``).
+``bokehdiff_jax.data.loader.make_loader``).
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ class Synbokeh(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, folder: Path):
         from PIL import Image
 
-        from bokehdiff_jax.data.cli import list_items
+        from bokehdiff_jax.data.items import list_items
 
         items = list_items(folder)
         if not items:

@@ -84,7 +84,7 @@ class FolderSource:
     """A precomputed ``synth`` output folder as a random-access source (items in index order)."""
 
     def __init__(self, folder: str | os.PathLike) -> None:
-        from bokehdiff_jax.data.cli import list_items
+        from bokehdiff_jax.data.items import list_items
 
         self.folder = Path(folder)
         self.items = [str(p) for p in list_items(self.folder)]
@@ -95,7 +95,7 @@ class FolderSource:
         return len(self.items)
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        from bokehdiff_jax.data.cli import read_item
+        from bokehdiff_jax.data.items import read_item
 
         return read_item(self.items[int(index)])
 

@@ -31,16 +31,16 @@ from typing import Any
 
 import numpy as np
 
-from bokehdiff_jax.atomic import atomic_path
 from bokehdiff_jax.convert import mapping
-from bokehdiff_jax.convert.safetensors_io import (
+from bokehdiff_jax.errors import InputError
+from bokehdiff_jax.io.atomic import atomic_path
+from bokehdiff_jax.io.safetensors_io import (
     DTYPES,
     SafetensorsFile,
     TensorSpec,
     open_diffusers_weights,
     write_safetensors,
 )
-from bokehdiff_jax.errors import InputError
 
 FORMAT, FORMAT_VERSION = "bokehdiff_jax", 1
 MANIFEST = "bokehdiff_jax.json"
@@ -302,7 +302,7 @@ def from_diffusers(
             manifest["dtype"] = stored if manifest["dtype"] in (None, stored) else "mixed"
         if with_prompt:
             from bokehdiff_jax.convert.prompt import FIXED_PROMPT, encode_prompt
-            from bokehdiff_jax.convert.safetensors_io import save_dict
+            from bokehdiff_jax.io.safetensors_io import save_dict
 
             save_dict(tmp / PROMPT_EMBEDS, encode_prompt(src, FIXED_PROMPT), {"prompt": FIXED_PROMPT})
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

@@ -24,8 +24,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from bokehdiff_jax.atomic import atomic_path
 from bokehdiff_jax.errors import InputError
+from bokehdiff_jax.io.atomic import atomic_path
 
 DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64),

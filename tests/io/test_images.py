@@ -1,4 +1,4 @@
-"""Strict image and disparity readers, atomic writers (bokehdiff_jax.data.io)."""
+"""Strict image and disparity readers, atomic writers (bokehdiff_jax.io.images)."""
 
 import struct
 import zlib
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bokehdiff_jax.data import io
+from bokehdiff_jax.io import images as io
 from bokehdiff_jax.errors import InputError
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bokehdiff_jax.atomic import atomic_path
 from bokehdiff_jax.errors import InputError
+from bokehdiff_jax.io.atomic import atomic_path
 
 IMAGE_WRITE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
 _DISP_KEY = re.compile(r"disp", re.IGNORECASE)

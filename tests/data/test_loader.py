@@ -5,7 +5,7 @@ import grain
 import numpy as np
 import pytest
 
-from bokehdiff_jax.data.pipeline import (
+from bokehdiff_jax.data.loader import (
     FolderSource,
     RandomCrop,
     SynthSource,

@@ -2,8 +2,8 @@
 
 import pytest
 
-from bokehdiff_jax.atomic import atomic_path
 from bokehdiff_jax.errors import InputError
+from bokehdiff_jax.io.atomic import atomic_path
 
 
 def test_file_appears_only_on_success(tmp_path):

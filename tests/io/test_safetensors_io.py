@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from bokehdiff_jax.convert.safetensors_io import (
+from bokehdiff_jax.errors import InputError
+from bokehdiff_jax.io.safetensors_io import (
     SafetensorsFile,
     ShardedSafetensors,
     TensorSpec,
@@ -19,7 +20,6 @@ from bokehdiff_jax.convert.safetensors_io import (
     save_dict,
     write_safetensors,
 )
-from bokehdiff_jax.errors import InputError
 
 
 def _tensors(seed=0):
