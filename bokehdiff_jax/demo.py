@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-BACKGROUNDS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg")
+from bokehdiff_jax.errors import InputError
+
 # Every name the demo writes into its folder (an earlier demo there may be replaced, nothing else).
 DEMO_FILES = (
     r"index\.html|samples\.json|inputs|motorcycle(_disparity)?\.png|stack_\d+\.png|sample_\d+_[a-z]+\.png"
@@ -46,70 +47,46 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthesized set (0)")
 
 
-def _u8(x: np.ndarray) -> np.ndarray:
-    return (np.clip(np.asarray(x, np.float32), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-
-
 def _save(path: Path, x: np.ndarray) -> str:
     from PIL import Image
 
+    from bokehdiff_jax.io.images import to_uint8
+
     x = np.asarray(x)
-    Image.fromarray(_u8(x if x.ndim == 3 else x[..., None].repeat(3, -1))).save(path)
+    Image.fromarray(to_uint8(x if x.ndim == 3 else x[..., None].repeat(3, -1))).save(path)
     return path.name
 
 
 def motorcycle(longer_side: int) -> tuple[np.ndarray, np.ndarray, str]:
     """The motorcycle's left view ``[H, W, 3]`` and disparity ``[H, W]`` in [0, 1] (near = 1), with its
     longer side area-downscaled to ``longer_side`` px, and a note on the filled pixels."""
-    import skimage.data
+    from bokehdiff_jax.data import samples
 
-    from bokehdiff_jax.io.images import fill_invalid
-    from bokehdiff_jax.physics.optics import area_resize
-
-    left, _, disp = skimage.data.stereo_motorcycle()
-    img = left.astype(np.float32) / 255.0
-    disp = np.asarray(disp, np.float32)
-    filled, n_bad = fill_invalid(disp)
-    disp = np.asarray(filled, np.float32)
-    note = f"{n_bad} unknown disparity pixels ({100 * n_bad / disp.size:.1f}%) filled from neighbours"
-    lo, hi = float(disp.min()), float(disp.max())
-    disp = (disp - lo) / max(hi - lo, 1e-6)  # stereo disparity grows with nearness: near = 1 already
-    h, w = disp.shape
-    s = min(1.0, longer_side / max(h, w))
-    size = (max(8, round(h * s)), max(8, round(w * s)))
-    img = np.asarray(area_resize(np.moveaxis(img, -1, 0), size)).transpose(1, 2, 0)
-    disp = np.asarray(area_resize(disp, size))
-    return np.clip(img, 0, 1), np.clip(disp, 0, 1), note
+    scene = samples.motorcycle(samples.fit_longer_side(samples.motorcycle_shape(), longer_side))
+    pct = 100 * scene.n_filled / scene.n_pixels
+    note = f"{scene.n_filled} unknown disparity pixels ({pct:.1f}%) filled from neighbours"
+    return scene.image, scene.disparity, note
 
 
 def _embedded_inputs(folder: Path, n_procedural: int, seed: int) -> tuple[Path, Path]:
-    """Writes the packaged foregrounds (RGBA) and backgrounds into ``folder/fg`` and ``folder/bg``.
-
-    scikit-image ships the horse and logo as opaque RGBA (alpha 255 nearly everywhere), so mattes are
-    derived: the horse is a black silhouette on white, the logo sits on white.
-    """
-    import skimage.data
+    """Writes the packaged foregrounds (RGBA) and backgrounds into ``folder/fg`` and ``folder/bg``."""
     from PIL import Image
 
+    from bokehdiff_jax.data import samples
     from bokehdiff_jax.data.procedural import procedural_foreground
+    from bokehdiff_jax.io.images import to_uint8
 
     fg, bg = folder / "fg", folder / "bg"
     fg.mkdir(parents=True)
     bg.mkdir(parents=True)
-    horse = skimage.data.horse()  # bool, True = white paper around the silhouette
-    alpha = (~horse).astype(np.float32)
-    rgb = np.broadcast_to(np.array([0.36, 0.22, 0.12], np.float32), horse.shape + (3,))
-    Image.fromarray(_u8(np.concatenate([rgb, alpha[..., None]], -1)), "RGBA").save(fg / "horse.png")
-    logo = skimage.data.logo().astype(np.float32) / 255.0
-    whiteness = logo[..., :3].min(-1)
-    alpha = np.clip((1.0 - whiteness) * 4.0, 0.0, 1.0)  # soft matte from the distance to white
-    Image.fromarray(_u8(np.concatenate([logo[..., :3], alpha[..., None]], -1)), "RGBA").save(fg / "logo.png")
+    Image.fromarray(to_uint8(samples.horse_rgba()), "RGBA").save(fg / "horse.png")
+    Image.fromarray(to_uint8(samples.logo_rgba()), "RGBA").save(fg / "logo.png")
     kinds = ("mixed", "hair", "fur", "whiskers")
     for i in range(n_procedural):
         rgba = procedural_foreground((320, 320), seed * 1000 + i, kind=kinds[i % len(kinds)])
-        Image.fromarray(_u8(rgba), "RGBA").save(fg / f"procedural_{i}.png")
-    for name in BACKGROUNDS:
-        shutil.copy(Path(skimage.data.data_dir) / name, bg / name)
+        Image.fromarray(to_uint8(rgba), "RGBA").save(fg / f"procedural_{i}.png")
+    for path in samples.photo_paths():
+        shutil.copy(path, bg / path.name)
     return fg, bg
 
 
@@ -136,7 +113,8 @@ def _page(sections: list[tuple[str, str]]) -> str:
 
 def build(out: Path, args: argparse.Namespace) -> dict:
     """Writes every file of the demo into ``out`` (a fresh folder) and returns a summary."""
-    from bokehdiff_jax.data.synthesis import SynthConfig, scan_inputs, synthesize_with_meta
+    from bokehdiff_jax.data.synthesis import scan_inputs, synthesize_with_meta
+    from bokehdiff_jax.physics.focus import needed_radius
     from bokehdiff_jax.render import ScatterConfig, focal_stack
 
     t0 = time.perf_counter()
@@ -146,7 +124,7 @@ def build(out: Path, args: argparse.Namespace) -> dict:
     img, disp, note = motorcycle(args.image_size)
     a = _save(out / "motorcycle.png", img)
     b = _save(out / "motorcycle_disparity.png", disp)
-    config = ScatterConfig(max_radius=max(1, int(np.ceil(args.strength))))
+    config = ScatterConfig(max_radius=max(1, needed_radius(disp, None, args.strength)))
     focus_n, stack = focal_stack(img, disp, args.strength, args.stack, config=config)
     figs = [
         _figure(a, "all-in-focus input (Middlebury motorcycle, left view)"),
@@ -166,13 +144,7 @@ def build(out: Path, args: argparse.Namespace) -> dict:
 
     # 2. Synthesized training pairs (layered ray tracer).
     fg_dir, bg_dir = _embedded_inputs(out / "inputs", args.procedural, args.seed)
-    # Blur scaled with the canvas, so the released range (K in [3, 96] px at 768) keeps its look.
-    synth = SynthConfig(
-        size=args.synth_size,
-        base_strength=12.0 * args.synth_size / 768,
-        rays_max=args.rays_max,
-        min_bg_side=16,
-    )
+    synth = synth_config(args)
     inputs = scan_inputs(fg_dir, bg_dir, synth)
     figs = [_figure(f"inputs/fg/{p.name}", f"foreground {p.name}") for p in inputs.fg]
     figs += [_figure(f"inputs/bg/{p.name}", f"background {p.name}") for p in inputs.bg]
@@ -213,8 +185,23 @@ def build(out: Path, args: argparse.Namespace) -> dict:
     return summary
 
 
+def synth_config(args: argparse.Namespace):
+    """The demo's synthesis settings; a combination ``SynthConfig`` rejects is an ``InputError``."""
+    from bokehdiff_jax.data.synthesis import SynthConfig
+
+    try:
+        # Blur scaled with the canvas, so the released range (K in [3, 96] px at 768) keeps its look.
+        return SynthConfig(
+            size=args.synth_size,
+            base_strength=12.0 * args.synth_size / 768,
+            rays_max=args.rays_max,
+            min_bg_side=16,
+        )
+    except ValueError as e:  # SynthConfig's checks raise ValueError (InputError is one too)
+        raise InputError(f"{e} (from --synth-size / --rays-max)") from None
+
+
 def run(args: argparse.Namespace) -> int:
-    from bokehdiff_jax.errors import InputError
     from bokehdiff_jax.io.atomic import atomic_path, check_output_folder
 
     for name in ("image_size", "stack", "synth_size", "rays_max"):
@@ -222,6 +209,7 @@ def run(args: argparse.Namespace) -> int:
             raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.samples < 0 or args.procedural < 0 or not (0 <= args.strength < float("inf")):
         raise InputError("--samples, --procedural and --strength must be >= 0")
+    synth_config(args)  # checked before any work
     out = Path(args.out)
     check_output_folder(out, DEMO_FILES)  # replaced whole: only an earlier demo may be there
     with atomic_path(out, is_dir=True) as tmp:

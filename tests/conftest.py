@@ -11,12 +11,11 @@ import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
 
-SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared"
-
 
 @pytest.fixture(scope="session")
 def sdxl_config_dir() -> pathlib.Path:
-    """The exact public SDXL configs (``../shared/sdxl``), or the copy shipped in the package."""
+    """The exact public SDXL configs shipped in the package (tests/models/test_configs.py checks them
+    against the project's reference copy, ``../shared/sdxl``)."""
     from bokehdiff_jax.models.configs import SDXL_CONFIG_DIR
 
     return SDXL_CONFIG_DIR

@@ -16,10 +16,10 @@ def test_cli_help(command, capsys):
     assert "usage: bokehdiff-jax" in capsys.readouterr().out
 
 
-def test_cli_without_command_fails():
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main([])
-    assert exit_info.value.code == 2
+def test_cli_without_command_fails(capsys):
+    assert cli.main([]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: bokehdiff-jax: ") and err.count("\n") == 1
 
 
 def test_core_never_imports_torch():

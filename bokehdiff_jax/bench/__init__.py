@@ -15,6 +15,7 @@ BENCHMARKS: dict[str, str] = {
     "convert": "convert a random full-size SDXL U-Net from diffusers safetensors: time and peak RSS",
     "pisa": "PISA dense / blockwise / sparse vs a dense PyTorch reference: time and memory",
     "render": "scatter renderer and layered ray tracer vs a NumPy scatter reference: throughput",
+    "synth": "synthesized targets: cost and convergence vs many-ray renders, blur distribution vs released",
 }
 
 

@@ -1,9 +1,9 @@
 """``bokehdiff-jax bench pisa``: PISA dense / blockwise / sparse vs a dense PyTorch reference.
 
-The scene is scikit-image's stereo motorcycle (its disparity, holes filled with the nearest valid value,
-normalised to [0, 1] with near = 1), stretched to a square ``--image`` pixels; ``K`` is chosen so the
-largest CoC radius is ``--max-coc`` image pixels (issue 3: ~40 px at 1024^2). Times are medians over
-``--repeats`` runs after a warm-up; memory is XLA's compile-time temp allocation
+The scene is the embedded motorcycle (``bokehdiff_jax.data.samples.motorcycle``: disparity holes filled
+from valid neighbours, normalised to [0, 1] with near = 1), stretched to a square ``--image`` pixels;
+``K`` is chosen so the largest CoC radius is ``--max-coc`` image pixels (issue 3: ~40 px at 1024^2).
+Times are medians over ``--repeats`` runs after a warm-up; memory is XLA's compile-time temp allocation
 (``memory_analysis().temp_size_in_bytes``) for JAX, and the peak RSS growth of a fresh process for
 PyTorch. JAX dense configurations whose ``N^2 T S`` ray samples exceed ``--dense-max-samples`` are
 compiled for their memory figure but not run, and the PyTorch reference is not run above
@@ -36,25 +36,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--torch-max-samples", type=float, default=1e8, help="largest N^2 T S run by torch")
     parser.add_argument("--max-seconds", type=float, default=120.0, help="skip timing runs slower than this")
-
-
-def motorcycle_scene(size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """The motorcycle stereo pair's left image ``[H, W, 3]`` in [0, 1] and disparity ``[H, W]`` in [0, 1]
-    (1 nearest), area-resampled to ``size``. Unknown disparities (inf) take the nearest known value."""
-    import jax.numpy as jnp
-    import skimage.data
-    from scipy import ndimage
-
-    from bokehdiff_jax.physics.optics import area_resize
-
-    left, _, disp = skimage.data.stereo_motorcycle()
-    holes = ~np.isfinite(disp)
-    _, (iy, ix) = ndimage.distance_transform_edt(holes, return_indices=True)
-    disp = disp[iy, ix]
-    disp = (disp - disp.min()) / (disp.max() - disp.min())
-    disp = np.asarray(area_resize(jnp.asarray(disp, jnp.float32), size))
-    img = np.asarray(area_resize(jnp.moveaxis(jnp.asarray(left, jnp.float32) / 255.0, -1, 0), size))
-    return np.moveaxis(img, 0, -1), disp
 
 
 def _torch_dense(q, k, v, xy, d_tok, radius, fine, offsets, image, segments, beta):
@@ -137,11 +118,12 @@ def run(args: argparse.Namespace) -> int:
     import jax.numpy as jnp
 
     from bokehdiff_jax.bench.common import median_time
+    from bokehdiff_jax.data.samples import motorcycle
     from bokehdiff_jax.pisa import PisaConfig, pisa_attention
     from bokehdiff_jax.pisa.geometry import prepare
 
     image = args.image
-    _, disp = motorcycle_scene((image, image))
+    disp = motorcycle((image, image)).disparity
     focus = float(np.median(disp))
     strength = args.max_coc / max(abs(disp.max() - focus), abs(disp.min() - focus))
     disparity, f, k_ = jnp.asarray(disp)[None], jnp.asarray([focus]), jnp.asarray([strength], jnp.float32)

@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from bokehdiff_jax.errors import InputError
+from bokehdiff_jax.io.safetensors_io import FLOAT_DTYPES
 from bokehdiff_jax.models.naming import flax_module_to_torch
 
 # Pre-0.14 diffusers VAE attention names -> current names (input only; diffusers renames them too).
@@ -228,8 +229,13 @@ def plan_diffusers_to_flax(
 
 
 def run_step(step: Step, tensors: Mapping[str, np.ndarray], dtype: Any = None) -> np.ndarray:
-    """Reads one source tensor, changes its layout and casts it (to ``dtype`` or the abstract dtype)."""
-    arr = step.kind.to_flax(tensors[step.key])
+    """Reads one source tensor, changes its layout and casts it (to ``dtype`` or the abstract dtype).
+
+    An integer or boolean source is refused: a parameter is a float, and a cast would change it."""
+    src = tensors[step.key]
+    if np.dtype(src.dtype) not in FLOAT_DTYPES:
+        raise InputError(f"{step.key}: stored as {np.dtype(src.dtype)}; parameters must be floating point")
+    arr = step.kind.to_flax(src)
     # ascontiguousarray after the cast: one copy per tensor, never of the whole checkpoint.
     return np.ascontiguousarray(arr.astype(np.dtype(dtype if dtype is not None else step.dtype), copy=False))
 

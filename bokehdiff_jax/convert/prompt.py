@@ -18,8 +18,23 @@ from bokehdiff_jax.errors import InputError
 FIXED_PROMPT = "an excellent photo with a large aperture"
 
 
-def encode_prompt(pipeline: str | os.PathLike, prompt: str = FIXED_PROMPT) -> dict[str, np.ndarray]:
-    """Encodes ``prompt`` with a pipeline folder's two CLIP text encoders.
+def _variant_for(folder: Path, variant: str | None) -> str | None:
+    """The weights variant to read from a transformers model folder: ``variant`` when given, else the
+    full-precision files, else the ``fp16`` variant (the rule ``open_diffusers_weights`` follows)."""
+    if variant is not None:
+        return variant
+    plain = ("model.safetensors", "model.safetensors.index.json")
+    fp16 = ("model.fp16.safetensors", "model.safetensors.index.fp16.json")
+    if not any((folder / n).is_file() for n in plain) and any((folder / n).is_file() for n in fp16):
+        return "fp16"
+    return None
+
+
+def encode_prompt(
+    pipeline: str | os.PathLike, prompt: str = FIXED_PROMPT, *, variant: str | None = None
+) -> dict[str, np.ndarray]:
+    """Encodes ``prompt`` with a pipeline folder's two CLIP text encoders (weights ``variant`` as for
+    the U-Net and VAE: ``"fp16"``, or None for full precision falling back to ``fp16``).
 
     Returns ``{"prompt_embeds": [1, L, C1 + C2], "text_embeds": [1, P]}`` in float32 (SDXL: L = 77,
     C1 + C2 = 768 + 1280 = 2048, P = 1280).
@@ -40,7 +55,13 @@ def encode_prompt(pipeline: str | os.PathLike, prompt: str = FIXED_PROMPT) -> di
     ):
         try:
             tokenizer = AutoTokenizer.from_pretrained(root / tok_dir, local_files_only=True)
-            encoder = cls.from_pretrained(root / enc_dir, local_files_only=True, use_safetensors=True).eval()
+            encoder = cls.from_pretrained(
+                root / enc_dir,
+                local_files_only=True,
+                use_safetensors=True,
+                variant=_variant_for(root / enc_dir, variant),
+                torch_dtype=torch.float32,  # fp16 weights are encoded in float32 like the rest
+            ).eval()
         except (OSError, ValueError) as e:
             raise InputError(
                 f"{root}: cannot load {tok_dir}/ or {enc_dir}/ ({str(e).splitlines()[0]})"

@@ -15,7 +15,12 @@ Checkpoint format (version 1), a folder::
                                   "prompt_embeds" [1, 77, 2048] and "text_embeds" [1, 1280], float32;
                                   metadata "prompt" holds the text
 
-A component folder alone (``unet/``) is also a valid source for ``load_unet``/``load_vae``.
+A component folder alone (``unet/``) is also a valid source for ``load_unet``/``load_vae``. The
+manifest may also hold ``"num_time_ids": 5`` (a refiner-style U-Net: original size, crop, aesthetic
+score) and ``"notes"``. ``to_diffusers`` writes ``unet/`` and/or ``vae/`` plus ``EXPORT_MARKER``.
+
+Destinations are replaced only when they are absent, empty, or an earlier output of the same kind
+(our manifest / export marker, and nothing else inside); never a folder holding a source.
 Everything is written through ``atomic_path``; conversion reads, converts, casts and writes one
 tensor at a time, so memory holds one tensor plus (for ``load_*``) the tree being built.
 """
@@ -33,12 +38,13 @@ import numpy as np
 
 from bokehdiff_jax.convert import mapping
 from bokehdiff_jax.errors import InputError
-from bokehdiff_jax.io.atomic import atomic_path
+from bokehdiff_jax.io.atomic import atomic_path, check_apart, check_replaceable
 from bokehdiff_jax.io.safetensors_io import (
     DTYPES,
     SafetensorsFile,
     TensorSpec,
     open_diffusers_weights,
+    require_float,
     write_safetensors,
 )
 
@@ -51,6 +57,12 @@ DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 COMPONENTS = ("unet", "vae")
 CLASS_NAMES = {"UNet2DConditionModel": "unet", "AutoencoderKL": "vae"}
 DTYPE_FLAGS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+# What our checkpoint folder may hold (an earlier one holding anything else is not replaced).
+CHECKPOINT_NAMES = r"bokehdiff_jax\.json|unet|vae|prompt_embeds\.safetensors"
+# ``to_diffusers`` output: the diffusers folders and the marker proving the folder is ours.
+EXPORT_MARKER, EXPORT_FORMAT = "bokehdiff_jax_export.json", "bokehdiff_jax.diffusers_export"
+EXPORT_NAMES = r"unet|vae"
+SDXL_TIME_IDS, REFINER_TIME_IDS = 6, 5
 
 
 def parse_dtype(name: str | Any) -> np.dtype:
@@ -87,13 +99,17 @@ def component_of(config: dict[str, Any], folder: Path) -> str:
     return CLASS_NAMES[name]
 
 
-def build_module(component: str, config: dict[str, Any], dtype: Any = None) -> Any:
-    """The Flax module for a diffusers config dict; ``dtype`` is its compute dtype."""
+def build_module(
+    component: str, config: dict[str, Any], dtype: Any = None, *, num_time_ids: int = SDXL_TIME_IDS
+) -> Any:
+    """The Flax module for a diffusers config dict; ``dtype`` is its compute dtype. ``num_time_ids``:
+    the U-Net's micro-conditioning ids (6 for SDXL base, 5 for the refiner; see ``time_ids_of``)."""
     if component == "unet":
         from bokehdiff_jax.models.configs import UNetConfig
         from bokehdiff_jax.models.unet import UNet2DConditionModel
 
-        return UNet2DConditionModel(config=UNetConfig.from_diffusers(config), dtype=dtype)
+        cfg = UNetConfig.from_diffusers(config, num_time_ids=num_time_ids)
+        return UNet2DConditionModel(config=cfg, dtype=dtype)
     from bokehdiff_jax.models.configs import VAEConfig
     from bokehdiff_jax.models.vae import AutoencoderKL
 
@@ -122,6 +138,65 @@ def _is_ours(folder: Path) -> bool:
     return (folder / PARAMS).is_file() and (folder / CONFIG).is_file()
 
 
+def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
+    """Our checkpoint's manifest, checked: format, version (a newer one is refused, not guessed at),
+    and components (known names, each one present as a component folder)."""
+    folder = Path(folder)
+    p = folder / MANIFEST
+    try:
+        m = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{folder}: not a bokehdiff_jax checkpoint (no {MANIFEST})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{p}: not valid JSON ({e})") from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise InputError(f'{p}: not a bokehdiff_jax checkpoint manifest (need "format": "{FORMAT}")')
+    version = m.get("version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise InputError(f"{p}: version must be an integer >= 1, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise InputError(
+            f"{p}: checkpoint format version {version} was written by a newer bokehdiff_jax "
+            f"(this one reads version {FORMAT_VERSION}); upgrade bokehdiff_jax"
+        )
+    comps = m.get("components")
+    if not (isinstance(comps, list) and comps and all(isinstance(c, str) for c in comps)):
+        raise InputError(f"{p}: components must be a non-empty list of names, got {comps!r}")
+    unknown = sorted(set(comps) - set(COMPONENTS))
+    if unknown or len(set(comps)) != len(comps):
+        raise InputError(
+            f"{p}: unknown component(s) {unknown or comps} (expected distinct names from {list(COMPONENTS)})"
+        )
+    missing = [c for c in comps if not _is_ours(folder / c)]
+    if missing:
+        raise InputError(
+            f"{p}: listed component(s) {missing} missing: no {', '.join(f'{c}/{PARAMS}' for c in missing)} "
+            f"with its {CONFIG}"
+        )
+    n = m.get("num_time_ids", SDXL_TIME_IDS)
+    if n not in (SDXL_TIME_IDS, REFINER_TIME_IDS) or isinstance(n, bool):
+        raise InputError(f"{p}: num_time_ids must be 6 or 5, got {n!r}")
+    return m
+
+
+def time_ids_of(folder: Path) -> int:
+    """The micro-conditioning ids a U-Net folder takes: 5 when its pipeline is refiner-style (diffusers'
+    ``model_index.json`` has ``requires_aesthetics_score``; our manifest says ``num_time_ids``), else 6.
+    A U-Net's own config does not record it (its width ``P + n * A`` is ambiguous)."""
+    parent = folder.parent
+    if (parent / MANIFEST).is_file():
+        return int(read_manifest(parent).get("num_time_ids", SDXL_TIME_IDS))
+    index = parent / "model_index.json"
+    if index.is_file():
+        try:
+            pipe = json.loads(index.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise InputError(f"{index}: not valid JSON ({e})") from None
+        if isinstance(pipe, dict) and pipe.get("requires_aesthetics_score") is True:
+            return REFINER_TIME_IDS
+    return SDXL_TIME_IDS
+
+
 def resolve(path: str | os.PathLike, component: str) -> tuple[Path, bool]:
     """Finds ``component``'s folder under ``path``: returns ``(folder, is_our_format)``.
 
@@ -131,6 +206,8 @@ def resolve(path: str | os.PathLike, component: str) -> tuple[Path, bool]:
     p = Path(path)
     if not p.exists():
         raise InputError(f"{p}: no such file or folder")
+    if (p / MANIFEST).is_file() and component not in read_manifest(p)["components"]:
+        raise InputError(f"{p}: this checkpoint holds no {component} (see its {MANIFEST})")
     for folder in (p, p / component):
         if not (folder / CONFIG).is_file():
             continue
@@ -154,7 +231,9 @@ def load_component(
 
     folder, ours = resolve(path, component)
     np_dtype = parse_dtype(dtype) if dtype is not None else np.dtype(np.float32)
-    module = build_module(component, read_config(folder), jnp.dtype(np_dtype))
+    module = build_module(
+        component, read_config(folder), jnp.dtype(np_dtype), num_time_ids=time_ids_of(folder)
+    )
     abstract = abstract_params(module)
     # jnp.asarray per tensor: the NumPy copy is dropped as soon as its device copy exists.
     if ours:
@@ -162,6 +241,7 @@ def load_component(
             params = load_flat(f, abstract, np_dtype, jnp.asarray, what=str(folder / PARAMS))
     else:
         with open_diffusers_weights(folder, variant) as w:
+            require_float(w.infos, str(folder))
             params = mapping.diffusers_to_flax(
                 w, abstract, dtype=np_dtype, leaf_fn=jnp.asarray, what=str(folder)
             )
@@ -176,6 +256,22 @@ def load_flat(
     what: str = "checkpoint",
 ) -> dict[str, Any]:
     """Our flat ``"a/b/kernel"`` file -> a Flax tree, strictly checked against ``abstract``."""
+    want = check_flat(f, abstract, what)
+    out: dict[str, Any] = {}
+    for k in sorted(want):
+        arr = f[k].astype(dtype if dtype is not None else want[k].dtype, copy=False)
+        node = out
+        *parents, leaf = k.split("/")
+        for name in parents:
+            node = node.setdefault(name, {})
+        node[leaf] = leaf_fn(arr) if leaf_fn is not None else arr
+    return out
+
+
+def check_flat(f: SafetensorsFile, abstract: dict[str, Any], what: str) -> dict[str, Any]:
+    """Checks our flat file against the model, reading no data: names one to one, shapes, float
+    dtypes. Returns ``{flat name: abstract leaf}``; raises one ``InputError`` listing every fault."""
+    require_float(f.infos, what)
     want = {"/".join(p): a for p, a in mapping.iter_leaves(abstract)}
     missing = sorted(set(want) - set(f.infos))
     unexpected = sorted(set(f.infos) - set(want))
@@ -186,15 +282,7 @@ def load_flat(
     ]
     if missing or unexpected or mismatched:
         raise mapping.MappingError(missing, unexpected, mismatched, what)
-    out: dict[str, Any] = {}
-    for k in sorted(want):
-        arr = f[k].astype(dtype if dtype is not None else want[k].dtype, copy=False)
-        node = out
-        *parents, leaf = k.split("/")
-        for name in parents:
-            node = node.setdefault(name, {})
-        node[leaf] = leaf_fn(arr) if leaf_fn is not None else arr
-    return out
+    return want
 
 
 def load_unet(path: str | os.PathLike, dtype: Any = None, *, variant: str | None = None) -> tuple[Any, dict]:
@@ -241,7 +329,12 @@ def _components_in(src: Path) -> list[tuple[str, Path]]:
 
 
 def convert_component(
-    src: Path, dst: Path, component: str, dtype: np.dtype | None, variant: str | None
+    src: Path,
+    dst: Path,
+    component: str,
+    dtype: np.dtype | None,
+    variant: str | None,
+    num_time_ids: int = SDXL_TIME_IDS,
 ) -> str:
     """diffusers model folder -> our component folder (``dst`` must exist), streamed.
 
@@ -249,8 +342,9 @@ def convert_component(
     Returns the stored dtype's name (``"mixed"`` if the source mixes dtypes and ``dtype`` is None).
     """
     config = read_config(src)
-    abstract = abstract_params(build_module(component, config))
+    abstract = abstract_params(build_module(component, config, num_time_ids=num_time_ids))
     with open_diffusers_weights(src, variant) as w:
+        require_float(w.infos, str(src))
         steps = mapping.plan_diffusers_to_flax(mapping.source_shapes(w), abstract, what=str(src))
         dtypes = [dtype if dtype is not None else w.infos[s.key].dtype for s in steps]
         specs = [TensorSpec("/".join(s.path), d, s.shape) for s, d in zip(steps, dtypes, strict=True)]
@@ -272,20 +366,35 @@ def from_diffusers(
     """Converts a diffusers unet/ or vae/ folder, or a pipeline folder, into our checkpoint at ``dst``.
 
     ``dtype``: ``"fp32"``, ``"bf16"``, ``"fp16"`` (or a dtype), or None to keep the stored dtypes.
+    ``variant`` (``"fp16"``) picks the weights files of every component, text encoders included.
 
     For a pipeline folder with ``text_encoder``, ``text_encoder_2``, ``tokenizer`` and
     ``tokenizer_2`` (and ``prompt_embeds=True``) it also stores the fixed-prompt embeddings, which
-    needs the ``torch`` extra. ``dst`` appears complete or not at all. Returns the manifest.
+    needs the ``torch`` extra; when they are skipped, the manifest's ``notes`` say why. ``dst`` must
+    be absent, empty or an earlier checkpoint (``check_replaceable``); it appears complete or not at
+    all. Returns the manifest.
     """
     src = Path(src)
     if not src.is_dir():
         raise InputError(f"{src}: no such folder (expected a diffusers model or pipeline folder)")
-    _check_dst_apart(src, dst)
     np_dtype = parse_dtype(dtype) if dtype is not None else None
     found = _components_in(src)
-    with_prompt = prompt_embeds and all(
-        (src / n).is_dir() for n in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+    encoders = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+    with_prompt = prompt_embeds and all((src / n).is_dir() for n in encoders)
+    check_apart(dst, [src, *(folder for _, folder in found)], flag="DST")
+    check_replaceable(
+        dst, marker=MANIFEST, format=FORMAT, names=CHECKPOINT_NAMES, flag="DST", what="checkpoint"
     )
+    time_ids = time_ids_of(src / "unet") if any(c == "unet" for c, _ in found) else SDXL_TIME_IDS
+    notes = []
+    if time_ids == REFINER_TIME_IDS:
+        notes.append("refiner-style pipeline (requires_aesthetics_score): its U-Net takes 5 time ids")
+    if prompt_embeds and not with_prompt and (src / "model_index.json").is_file():
+        absent = [n for n in encoders if not (src / n).is_dir()]
+        notes.append(
+            f"prompt embeddings not stored: the pipeline has no {', '.join(absent)} (the fixed prompt "
+            "is encoded with both SDXL text encoders)"
+        )
     manifest = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
@@ -295,41 +404,54 @@ def from_diffusers(
         "prompt_embeds": with_prompt,
         "bokehdiff_jax_version": _version(),
     }
+    if time_ids != SDXL_TIME_IDS:
+        manifest["num_time_ids"] = time_ids
+    if notes:
+        manifest["notes"] = notes
     with atomic_path(dst, is_dir=True) as tmp:
         for c, folder in found:
             (tmp / c).mkdir()
-            stored = convert_component(folder, tmp / c, c, np_dtype, variant)
+            stored = convert_component(folder, tmp / c, c, np_dtype, variant, time_ids)
             manifest["dtype"] = stored if manifest["dtype"] in (None, stored) else "mixed"
         if with_prompt:
             from bokehdiff_jax.convert.prompt import FIXED_PROMPT, encode_prompt
             from bokehdiff_jax.io.safetensors_io import save_dict
 
-            save_dict(tmp / PROMPT_EMBEDS, encode_prompt(src, FIXED_PROMPT), {"prompt": FIXED_PROMPT})
+            embeds = encode_prompt(src, FIXED_PROMPT, variant=variant)
+            save_dict(tmp / PROMPT_EMBEDS, embeds, {"prompt": FIXED_PROMPT})
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
-
-
-def _check_dst_apart(src: Path, dst: str | os.PathLike) -> None:
-    """Refuses a ``dst`` that is ``src`` or a folder above it: replacing it would delete the source."""
-    s, d = src.resolve(), Path(dst).resolve()
-    if d == s or d in s.parents:
-        raise InputError(f"{dst}: the output folder must not be the source {src} or contain it")
 
 
 def to_diffusers(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
     """Our checkpoint (or one component folder of it) -> diffusers ``unet/`` and/or ``vae/`` folders.
 
-    Tensors keep their stored dtype and bytes (only the layout changes), so converting back gives
-    bit-identical parameters. Returns the components written.
+    The source is checked as strictly as ``load_unet`` checks it (manifest, components, every
+    tensor's name, shape and float dtype) before anything is written. Tensors keep their stored dtype
+    and bytes (only the layout changes), so converting back gives bit-identical parameters. ``dst``
+    must be absent, empty or an earlier export (it holds ``EXPORT_MARKER``). Returns the components
+    written.
     """
     src = Path(src)
-    if _is_ours(src):
+    if (src / MANIFEST).is_file():
+        manifest = read_manifest(src)
+        found = [(c, src / c) for c in manifest["components"]]
+        time_ids = int(manifest.get("num_time_ids", SDXL_TIME_IDS))
+    elif _is_ours(src):
         found = [(component_of(read_config(src), src), src)]
-    elif (src / MANIFEST).is_file():
-        found = [(c, src / c) for c in COMPONENTS if _is_ours(src / c)]
+        time_ids = time_ids_of(src)
     else:
         raise InputError(f"{src}: not a bokehdiff_jax checkpoint (no {MANIFEST} or {PARAMS})")
-    _check_dst_apart(src, dst)
+    check_apart(dst, [src, *(folder for _, folder in found)], flag="DST")
+    check_replaceable(
+        dst, marker=EXPORT_MARKER, format=EXPORT_FORMAT, names=EXPORT_NAMES, flag="DST", what="export"
+    )
+    for c, folder in found:  # everything checked before the first byte is written
+        if component_of(read_config(folder), folder) != c:
+            raise InputError(f"{folder}: {CONFIG} does not describe a {c}")
+        abstract = abstract_params(build_module(c, read_config(folder), num_time_ids=time_ids))
+        with SafetensorsFile(folder / PARAMS) as f:
+            check_flat(f, abstract, str(folder / PARAMS))
     with atomic_path(dst, is_dir=True) as tmp:
         for c, folder in found:
             out = tmp / c
@@ -346,6 +468,8 @@ def to_diffusers(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
                 )
                 write_safetensors(out / DIFFUSERS_WEIGHTS, specs, arrays, {"format": "pt"})
             shutil.copyfile(folder / CONFIG, out / CONFIG)
+        marker = {"format": EXPORT_FORMAT, "source": str(src.resolve()), "components": [c for c, _ in found]}
+        (tmp / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
     return [c for c, _ in found]
 
 

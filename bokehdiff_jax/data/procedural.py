@@ -145,3 +145,27 @@ def procedural_foreground(
     # Where alpha is zero the colour is irrelevant, but resampling mixes it in: use the body colour.
     rgb = np.where(alpha[..., None] > 1e-6, rgb, body_rgb)
     return np.concatenate([np.clip(rgb, 0, 1), np.clip(alpha, 0, 1)[..., None]], axis=-1).astype(np.float32)
+
+
+def procedural_lights(size: tuple[int, int] | int, seed: int, *, density: float = 1.0) -> np.ndarray:
+    """A seeded night scene ``[H, W, 3]`` float32 sRGB: a dark, smooth gradient with bright point lights.
+
+    The hardest content for a lens-blur target: every light (1-6 px, values up to 1, i.e. saturated)
+    must become a uniform bright disc of its CoC, and the dark surround shows any noise (sRGB lifts
+    small linear errors). ``density``: lights per 1000 pixels, about.
+    """
+    h, w = (size, size) if isinstance(size, int) else size
+    if h < 8 or w < 8:
+        raise ValueError(f"procedural backgrounds need at least 8x8 pixels, got {w}x{h}")
+    rng = np.random.default_rng(seed)
+    yy, xx = (np.mgrid[0:h, 0:w] + 0.5) / np.array([h, w])[:, None, None]
+    tint = rng.uniform(0.02, 0.12, 3)
+    rgb = tint * (0.4 + 0.6 * (1 - yy[..., None])) * (0.8 + 0.4 * xx[..., None])
+    n = max(1, int(density * h * w / 1000))
+    sizes = np.minimum(rng.geometric(0.45, n), 6)  # mostly 1-2 px, a few larger
+    ys, xs = rng.integers(0, h, n), rng.integers(0, w, n)
+    colours = np.clip(rng.uniform(0.55, 1.0, (n, 3)) * rng.uniform(0.7, 1.0, (n, 1)), 0, 1)
+    colours[rng.random(n) < 0.4] = 1.0  # saturated white
+    for y, x, s, c in zip(ys, xs, sizes, colours, strict=True):
+        rgb[y : y + s, x : x + s] = c
+    return np.clip(rgb, 0, 1).astype(np.float32)

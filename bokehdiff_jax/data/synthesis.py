@@ -7,9 +7,10 @@ come from compositing the layers; the bokeh target from ray tracing them through
 ``np.random.default_rng([seed, index])``, so an example depends only on ``(config, inputs, seed, index)``.
 
 Units. ``K`` (``strength``) is the CoC radius in pixels of the *output* canvas per unit of defocus:
-``r = K |d - d_f|``; ``K = base_strength * times`` with ``times = 2 ** U(log2_times)``, so the released
-ranges give ``K`` in [3, 96] px at 768 px. The conditioning ``strength`` is exactly the ``K`` the target
-was rendered with (the original adds an unrecorded factor; SPEC section 6).
+``r = K |d - d_f|``; ``K = 12 * times / max(d_f, 1 - d_f)`` at 768 px (scaled with the canvas), as
+released, so the largest radius is at most ``12 * times`` (3 to 96 px) and ``K`` lies in [3, 192] px.
+The conditioning ``strength`` is exactly the ``K`` the target was rendered with (the original tells
+the model another, unrecorded one; SPEC section 6).
 """
 
 from __future__ import annotations
@@ -33,52 +34,102 @@ Source = str | os.PathLike | np.ndarray
 
 @dataclasses.dataclass(frozen=True)
 class SynthConfig:
-    """Every parameter of the scene model; the defaults are the released ranges (SPEC section 4).
+    """Every parameter of the scene model. The defaults follow the released sampling (SPEC section 4);
+    each deliberate difference is listed at the end with its reason.
 
-    Disparities are in [0, 1] (1 = near). Tilts are the total disparity change across the output
-    canvas, ``|gx| + |gy|`` of the plane ``d0 + gx (x / W - 0.5) + gy (y / H - 0.5)``.
+    Blur: ``times = 2 ** U(log2_times)`` and, as released, ``K = base_strength * times / max(d_f, 1 - d_f)``
+    with ``base_strength`` 12 px at 768 px (``None``: ``12 * size / 768``, so blur scales with the canvas).
+    The CoC radius ``r = K |d - d_f|`` (``physics.optics.coc_radius``) is then at most
+    ``base_strength * times`` (3 to 96 px at 768 px): the largest radius of a scene depends on ``times``
+    and little else; ``K`` itself lies in [3, 192] px at 768 px. The recorded ``strength`` is exactly the
+    ``K`` that rendered the target (SPEC section 6).
+
+    Disparity (1 = near): the background is a tilted plane whose farthest point, over the padded canvas,
+    is at ``U(bg_far)`` (released: 0) and whose total change across the padded canvas is ``U(bg_tilt)``
+    (released: up to 1/4); each foreground is a plane lying, over the padded canvas, in its own band
+    between the background's nearest point and ``fg_disparity_max`` (one foreground, released: uniform
+    above the background). Tilts are ``|gx| + |gy|`` of ``d0 + gx (x / W - 0.5) + gy (y / H - 0.5)``.
+    Focus: the mean disparity of a foreground (probability ``fg_focus_prob``) or of the background.
+
+    Foregrounds (released): the alpha's bounding box gets the area ``U(fg_scale)**2`` of the frame (aspect
+    kept), shrunk by 0.9 until it fits; its centre is the frame's centre moved by up to a quarter of the
+    frame per axis, then the box is moved inside the frame.
+
+    Labels: ``disparity_label`` is how the disparity map labels pixels several layers share (fractional
+    alpha; ``render.layered.composite_layers``): ``"blend"`` (alpha-blended, as released), ``"threshold"``
+    (the nearest layer with alpha >= ``label_threshold``) or ``"front"`` (the nearest with any alpha).
+
+    Rendering: the layered tracer's aperture cells (``render.layered``), ``rays_min``..``rays_max`` rays per
+    pixel, each cell at most ``cell_px`` pixels wide on a layer: converged targets (BENCHMARKS.md).
+
+    Deliberate differences from the released sampling, and why:
+
+    - real foreground tilts (released: a no-op): progressive blur across a foreground (paper Sec. 3.3);
+    - foreground disparity at most ``fg_disparity_max`` = 0.99 (released: up to 1): disparity 1 is
+      singular in the occlusion ray formula (SPEC section 6);
+    - foreground size and placement relative to the output frame, kept inside it (released: relative to
+      the padded canvas, so the crop may cut a foreground off);
+    - backgrounds are aspect-preserving square crops zoomed by ``U(bg_zoom)`` (released: stretched);
+    - foregrounds are flipped left-right with ``fg_flip_prob`` (released: whole examples flipped in
+      training, the same augmentation);
+    - padding is the largest possible CoC radius (released: a fixed 24 px, so larger blurs read
+      edge-clamped pixels);
+    - rays: aperture cells with footprint averages, converged (released: ``(21 * times)**2`` points).
     """
 
     size: int = 768  # output canvas side, pixels (square)
-    base_strength: float = 12.0  # K at times = 1, pixels of the output canvas
-    log2_times: tuple[float, float] = (-2.0, 3.0)  # times = 2 ** U(lo, hi): K in [3, 96] px by default
-    # Padding per side, in units of K. The CoC radius never exceeds K (|d - d_f| <= 1), so 1 K per side
-    # gives every ray landing in the crop real content; the released code pads 2 K per side (+4K).
+    base_strength: float | None = None  # largest CoC radius at times = 1, px; None: 12 * size / 768
+    log2_times: tuple[float, float] = (-2.0, 3.0)  # times = 2 ** U(lo, hi) (released)
+    # Padding per side, in units of the largest possible CoC radius: 1 gives every ray landing in the
+    # crop real content.
     pad_factor: float = 1.0
     pad_multiple: int = 16  # padding rounded up to a multiple: a handful of shapes, few recompilations
-    rays_per_times: float = 21.0  # rays ~ 21 * times (released)
-    rays_min: int = 8
-    rays_max: int = 256
-    ray_multiple: int = 8  # ray count rounded up to a multiple (static in the tracer: bounds recompiles)
-    bg_disparity: tuple[float, float] = (0.0, 0.5)  # the background plane stays inside this range
+    rays_min: int = 1  # rays (aperture cells) per pixel, lower bound
+    rays_max: int = 4096  # upper bound; the tracer picks per 16 x 16 tile from the local CoC
+    cell_px: float = 8.0  # largest footprint of one aperture cell on a layer, px
+    bg_far: tuple[float, float] = (0.0, 0.0)  # disparity of the background's farthest point (released: 0)
     bg_tilt: tuple[float, float] = (0.0, 0.25)  # up to 1/4 of the disparity range (released)
-    fg_disparity_max: float = 0.95  # foregrounds lie above the background, below this (never 1)
+    fg_disparity_max: float = 0.99  # foregrounds lie above the background, below this (never 1)
     fg_tilt: tuple[float, float] = (0.0, 0.25)  # a real foreground tilt (the original's was a no-op)
-    fg_count: tuple[int, int] = (1, 2)  # inclusive range of foregrounds per scene
-    fg_scale: tuple[float, float] = (0.35, 0.9)  # fg bounding box's longer side / canvas side
+    fg_count: tuple[int, int] = (1, 1)  # inclusive range of foregrounds per scene (released: 1)
+    fg_scale: tuple[float, float] = (0.5, 1.0)  # sqrt of the fg box's area / frame area (released)
+    fg_shift: float = 0.25  # the fg centre moves up to this fraction of the frame per axis (released)
     fg_flip_prob: float = 0.5  # horizontal flip
     fg_focus_prob: float = 0.5  # focus on a foreground's mean disparity, else the background's
     bg_zoom: tuple[float, float] = (1.0, 1.5)  # crop side = shorter image side / zoom (aspect kept)
+    disparity_label: str = "blend"  # "blend" (released), "threshold" or "front"
+    label_threshold: float = 0.5  # alpha bar of the "threshold" label
     max_input_side: int = 4096  # larger inputs are downscaled on load (area filter)
     min_fg_side: int = 8  # foregrounds whose opaque part is smaller are skipped
     min_bg_side: int = 64  # backgrounds smaller than this are skipped
 
     def __post_init__(self) -> None:
+        from bokehdiff_jax.render.layered import DISPARITY_LABELS
+
         checks = [
             (self.size >= 16, f"size must be >= 16, got {self.size}"),
-            (self.base_strength >= 0, "base_strength must be >= 0"),
+            (
+                self.base_strength is None or 0 <= self.base_strength < math.inf,
+                "base_strength must be None or a finite number >= 0",
+            ),
             (self.log2_times[0] <= self.log2_times[1], "log2_times must be (lo, hi) with lo <= hi"),
             (
-                0 <= self.bg_disparity[0] <= self.bg_disparity[1] < self.fg_disparity_max < 1,
-                "need 0 <= bg_disparity lo <= hi < fg_disparity_max < 1",
+                0 <= self.bg_far[0] <= self.bg_far[1] < self.fg_disparity_max < 1,
+                "need 0 <= bg_far lo <= hi < fg_disparity_max < 1",
+            ),
+            (
+                0 <= self.bg_tilt[0] <= self.bg_tilt[1] and 0 <= self.fg_tilt[0] <= self.fg_tilt[1],
+                "bg_tilt and fg_tilt must be (lo, hi) with 0 <= lo <= hi",
             ),
             (1 <= self.fg_count[0] <= self.fg_count[1], "fg_count must be (lo, hi) with 1 <= lo <= hi"),
             (
                 0 < self.fg_scale[0] <= self.fg_scale[1] <= 1,
                 "fg_scale must be (lo, hi) with 0 < lo <= hi <= 1",
             ),
+            (0 <= self.fg_shift <= 0.5, "fg_shift must be in [0, 0.5]"),
             (1 <= self.rays_min <= self.rays_max, "need 1 <= rays_min <= rays_max"),
-            (self.ray_multiple >= 1 and self.pad_multiple >= 1, "ray_multiple and pad_multiple must be >= 1"),
+            (0 < self.cell_px < math.inf, "cell_px must be > 0"),
+            (self.pad_factor >= 0 and self.pad_multiple >= 1, "need pad_factor >= 0 and pad_multiple >= 1"),
             (
                 0 <= self.fg_flip_prob <= 1 and 0 <= self.fg_focus_prob <= 1,
                 "fg_flip_prob and fg_focus_prob must be in [0, 1]",
@@ -87,10 +138,20 @@ class SynthConfig:
                 1 <= self.bg_zoom[0] <= self.bg_zoom[1],
                 "bg_zoom must be (lo, hi) with 1 <= lo <= hi (crops only)",
             ),
+            (
+                self.disparity_label in DISPARITY_LABELS,
+                f"disparity_label must be one of {', '.join(DISPARITY_LABELS)}, got {self.disparity_label!r}",
+            ),
+            (0 < self.label_threshold <= 1, "label_threshold must be in (0, 1]"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise ValueError(f"SynthConfig: {msg}")
+
+    @property
+    def strength_scale(self) -> float:
+        """The largest CoC radius at ``times = 1``, px of the output canvas."""
+        return 12.0 * self.size / 768.0 if self.base_strength is None else float(self.base_strength)
 
 
 @dataclasses.dataclass
@@ -116,14 +177,13 @@ class Scene:
 
     ``rgba_lhwc``: ``[L, Hp, Wp, 4]`` sRGB + straight alpha, back to front (layer 0 the background);
     ``planes_l3``: ``[L, 3]`` ``(d0, gx, gy)`` on the padded canvas; ``focus`` a disparity; ``strength``
-    K in pixels; ``n_rays`` aperture samples; ``meta`` a JSON-ready description.
+    K in pixels; ``meta`` a JSON-ready description (keys sorted at every level).
     """
 
     rgba_lhwc: np.ndarray
     planes_l3: np.ndarray
     focus: float
     strength: float
-    n_rays: int
     pad: int
     meta: dict[str, Any]
 
@@ -159,25 +219,34 @@ def _downscale(img: np.ndarray, max_side: int) -> np.ndarray:
 
 
 def _resize(img: np.ndarray, hw: tuple[int, int], *, premultiply: bool = False) -> np.ndarray:
-    """Resizes ``[H, W, C]`` float32 to ``hw`` with PIL's Lanczos filter on float planes.
+    """Resizes ``[H, W, C]`` float32 to ``hw`` with PIL filters on float planes.
 
-    RGBA is resized premultiplied (transparent pixels' colours must not bleed into edges), then the
-    alpha is clipped to [0, 1] (Lanczos overshoots; the original forgot this) and unpremultiplied.
+    RGBA (``premultiply``) is resized premultiplied, so transparent pixels' colours never bleed into
+    edges, with a filter whose weights are never negative: a box when both sides shrink, else PIL's
+    bilinear (a tent, widened when a side shrinks). Every output pixel is then a convex combination of
+    input pixels with the same weights for colour and alpha: alpha stays in [0, 1] without clipping
+    (no ring of alpha outside an edge) and ``colour = premultiplied / alpha`` is exactly the colour of a
+    uniformly coloured foreground up to its edge (Lanczos rings, and clipping its alpha shifted the
+    edge colours). Opaque RGB uses Lanczos when enlarging (sharper; its overshoot is clipped).
     """
     from PIL import Image
 
     h, w = hw
     x = img.astype(np.float32)
+    shrink = h <= img.shape[0] and w <= img.shape[1]
     if premultiply:
         x = np.concatenate([x[..., :3] * x[..., 3:], x[..., 3:]], axis=-1)
-    filt = Image.Resampling.BOX if (h < img.shape[0] and w < img.shape[1]) else Image.Resampling.LANCZOS
+        filt = Image.Resampling.BOX if shrink else Image.Resampling.BILINEAR
+    else:
+        filt = Image.Resampling.BOX if shrink else Image.Resampling.LANCZOS
     out = np.stack(
         [np.asarray(Image.fromarray(x[..., c], mode="F").resize((w, h), filt)) for c in range(x.shape[-1])],
         axis=-1,
     )
     if premultiply:
-        a = np.clip(out[..., 3:], 0.0, 1.0)
-        rgb = np.where(a > 1e-6, out[..., :3] / np.maximum(a, 1e-6), 0.0)
+        a = out[..., 3:]
+        # Rounding can leave a premultiplied value a hair above its alpha: the ratio is clipped to 1.
+        rgb = np.where(a > 0, out[..., :3] / np.where(a > 0, a, 1.0), 0.0)
         out = np.concatenate([rgb, a], axis=-1)
     return np.clip(out, 0.0, 1.0).astype(np.float32)
 
@@ -306,15 +375,20 @@ def _round_up(x: float, m: int) -> int:
 def _sample_plane(rng: np.random.Generator, lo: float, hi: float, tilt: tuple[float, float], extent: float):
     """A plane ``(d0, gx, gy)`` in output-canvas coordinates whose values over the padded canvas
     (``extent`` = padded side / output side) stay within ``[lo, hi]``; total tilt ``|gx| + |gy|``
-    ~ U(tilt), capped by the room the range leaves."""
-    room = (hi - lo) / extent
-    total = min(rng.uniform(*tilt), room)
+    over the padded canvas ~ U(tilt), capped by the room the range leaves; ``d0`` uniform in the rest."""
+    total = min(rng.uniform(*tilt), hi - lo)
     share = rng.uniform()
-    gx = total * share * rng.choice((-1.0, 1.0))
-    gy = total * (1 - share) * rng.choice((-1.0, 1.0))
-    half = total * extent / 2
-    d0 = rng.uniform(lo + half, hi - half)
+    sign_x, sign_y = rng.choice((-1.0, 1.0)), rng.choice((-1.0, 1.0))
+    d0 = rng.uniform(lo + total / 2, hi - total / 2)
+    gx, gy = total * share * sign_x / extent, total * (1 - share) * sign_y / extent
     return float(d0), float(gx), float(gy)
+
+
+def _plane_range(plane: tuple[float, float, float], extent: float) -> tuple[float, float]:
+    """Smallest and largest value of a plane over the padded canvas."""
+    d0, gx, gy = plane
+    half = (abs(gx) + abs(gy)) * extent / 2
+    return d0 - half, d0 + half
 
 
 def _load_with_fallback(
@@ -332,6 +406,22 @@ def _load_with_fallback(
     raise InputError(f"none of the {n} inputs could be loaded: {skipped[-1][1] if skipped else ''}")
 
 
+def _place_foreground(rng: np.random.Generator, fg_hw: tuple[int, int], config: SynthConfig):
+    """Size and top-left corner of a foreground in the frame (released rule, see ``SynthConfig``):
+    ``(scale, fh, fw, ty, tx)``."""
+    s = config.size
+    scale = rng.uniform(*config.fg_scale) * s / math.sqrt(fg_hw[0] * fg_hw[1])
+    while round(fg_hw[0] * scale) > s or round(fg_hw[1] * scale) > s:
+        scale *= 0.9
+    fh, fw = max(1, round(fg_hw[0] * scale)), max(1, round(fg_hw[1] * scale))
+    reach = int(config.fg_shift * s)
+    cy = s // 2 + int(rng.integers(-reach, reach + 1))
+    cx = s // 2 + int(rng.integers(-reach, reach + 1))
+    ty = int(np.clip(cy - fh // 2, 0, s - fh))
+    tx = int(np.clip(cx - fw // 2, 0, s - fw))
+    return float(scale), fh, fw, ty, tx
+
+
 def sample_scene(
     config: SynthConfig,
     fg_sources: Sequence[Source],
@@ -339,7 +429,8 @@ def sample_scene(
     seed: int,
     index: int,
 ) -> Scene:
-    """Samples scene ``index`` of the stream ``seed``: layers, planes, focus, strength, rays.
+    """Samples scene ``index`` of the stream ``seed``: layers, planes, focus, strength (see
+    ``SynthConfig``).
 
     Inputs are used in the given order (pass sorted lists, e.g. from ``scan_inputs``). All randomness
     comes from ``np.random.default_rng([seed, index])``.
@@ -350,18 +441,16 @@ def sample_scene(
     s = config.size
 
     times = float(2.0 ** rng.uniform(*config.log2_times))
-    strength = config.base_strength * times
-    pad = _round_up(config.pad_factor * strength, config.pad_multiple) if strength > 0 else 0
+    # |d - d_f| <= max(d_f, 1 - d_f) for every d in [0, 1], so no CoC radius exceeds this, whatever the
+    # focus turns out to be: the padding can be fixed before the planes are drawn.
+    r_bound = config.strength_scale * times
+    pad = _round_up(config.pad_factor * r_bound, config.pad_multiple) if r_bound > 0 else 0
     p_side = s + 2 * pad
     extent = p_side / s
-    n_rays = int(
-        np.clip(
-            _round_up(config.rays_per_times * times, config.ray_multiple), config.rays_min, config.rays_max
-        )
-    )
     skipped: list[tuple[str, str]] = []
 
-    # Background: an aspect-preserving square crop (zoomed in by bg_zoom), resized to the padded canvas.
+    # Background: an aspect-preserving square crop (zoomed in by bg_zoom), resized to the padded canvas;
+    # its plane's farthest point at U(bg_far), total tilt U(bg_tilt), both over the padded canvas.
     bi, bg = _load_with_fallback(
         bg_sources, int(rng.integers(len(bg_sources))), load_background, config, skipped
     )
@@ -369,8 +458,10 @@ def sample_scene(
     side = max(1, int(round(min(h, w) / rng.uniform(*config.bg_zoom))))
     y0, x0 = int(rng.integers(h - side + 1)), int(rng.integers(w - side + 1))
     bg_rgb = _resize(bg[y0 : y0 + side, x0 : x0 + side], (p_side, p_side))
-    bg_plane = _sample_plane(rng, *config.bg_disparity, config.bg_tilt, extent)
-    bg_hi = bg_plane[0] + (abs(bg_plane[1]) + abs(bg_plane[2])) * extent / 2
+    far = rng.uniform(*config.bg_far)
+    tilt = min(rng.uniform(*config.bg_tilt), config.fg_disparity_max - far)
+    bg_plane = _sample_plane(rng, far, far + tilt, (tilt, tilt), extent)
+    bg_hi = _plane_range(bg_plane, extent)[1]
 
     # Foregrounds: each in its own disparity band above the background, so planes never cross and
     # the back-to-front order of layers is the depth order everywhere.
@@ -390,14 +481,11 @@ def sample_scene(
         fi, fg = _load_with_fallback(
             fg_sources, int(rng.integers(len(fg_sources))), load_foreground, config, skipped
         )
-        scale = rng.uniform(*config.fg_scale) * s / max(fg.shape[:2])
-        fh = int(np.clip(round(fg.shape[0] * scale), 1, s))
-        fw = int(np.clip(round(fg.shape[1] * scale), 1, s))
+        scale, fh, fw, ty, tx = _place_foreground(rng, fg.shape[:2], config)
         fg = _resize(fg, (fh, fw), premultiply=True)
         flip = bool(rng.uniform() < config.fg_flip_prob)
         if flip:
             fg = fg[:, ::-1]
-        ty, tx = int(rng.integers(s - fh + 1)), int(rng.integers(s - fw + 1))
         layer = np.zeros((p_side, p_side, 4), np.float32)
         layer[pad + ty : pad + ty + fh, pad + tx : pad + tx + fw] = fg
         layers.append(layer)
@@ -421,6 +509,7 @@ def sample_scene(
     u = (np.arange(s) + 0.5) / s - 0.5
     plane_map = d0 + gx * u[None, :] + gy * u[:, None]
     focus = float((plane_map * alpha).sum() / max(alpha.sum(), 1e-12))
+    strength = r_bound / max(focus, 1.0 - focus)  # released: K = 12 times / max(d_f, 1 - d_f)
 
     # Planes on the padded canvas: x_pad / Wp - 0.5 = (x / W - 0.5) W / Wp, so gradients scale by extent.
     planes_l3 = np.asarray([(d, gx_ * extent, gy_ * extent) for d, gx_, gy_ in planes], np.float32)
@@ -433,55 +522,85 @@ def sample_scene(
         "strength": strength,
         "focus": focus,
         "focus_layer": target,
-        "n_rays": n_rays,
         "layers": meta_layers,
-        "skipped_inputs": skipped,
+        "skipped_inputs": [list(x) for x in skipped],
         "plane_convention": "d(x, y) = d0 + gx (x / W - 0.5) + gy (y / H - 0.5), output canvas",
     }
-    return Scene(np.stack(layers), planes_l3, focus, strength, n_rays, pad, meta)
+    return Scene(np.stack(layers), planes_l3, focus, strength, pad, _sorted(meta))
+
+
+def _sorted(tree: Any) -> Any:
+    """JSON-ready ``tree`` with every dict's keys sorted: the same bytes whichever process made it (grain's
+    workers hand dicts back with their keys sorted)."""
+    if isinstance(tree, dict):
+        return {k: _sorted(tree[k]) for k in sorted(tree)}
+    if isinstance(tree, list | tuple):
+        return [_sorted(v) for v in tree]
+    return tree
 
 
 def _name(src: Source) -> str:
     return f"<array {src.shape}>" if isinstance(src, np.ndarray) else str(src)
 
 
-def render_scene(scene: Scene, config: SynthConfig) -> dict[str, np.ndarray]:
-    """Renders a scene and crops the padding: ``{aif [S,S,3], bokeh [S,S,3], disparity [S,S], focus (),
-    strength (), coc [S,S]}`` (float32 NumPy; ``coc`` = ``strength * |disparity - focus|`` in pixels)."""
-    from bokehdiff_jax.render import composite_layers, render_layers
-
-    rgba = scene.rgba_lhwc
-    aif, disp = composite_layers(rgba, scene.planes_l3)
-    bokeh = render_layers(
-        rgba, scene.planes_l3, scene.focus, scene.strength, config=_layered_config(scene.n_rays)
-    )
-    p, s = scene.pad, config.size
-    crop = (slice(p, p + s), slice(p, p + s))
-    aif = np.asarray(aif, np.float32)[crop]
-    disp = np.asarray(disp, np.float32)[crop]
-    bokeh = np.asarray(bokeh, np.float32)[crop]
-    return {
-        "aif": np.clip(aif, 0.0, 1.0),
-        "bokeh": np.clip(bokeh, 0.0, 1.0),
-        "disparity": disp,
-        "focus": np.float32(scene.focus),
-        "strength": np.float32(scene.strength),
-        "coc": (np.float32(scene.strength) * np.abs(disp - np.float32(scene.focus))).astype(np.float32),
-    }
-
-
-def _layered_config(n_rays: int):
+def layered_config(config: SynthConfig):
+    """The tracer settings of ``config``: ``render.LayeredConfig`` with its ray bounds and cell size."""
     from bokehdiff_jax.render import LayeredConfig
 
-    return dataclasses.replace(LayeredConfig(), num_rays=n_rays)
+    return LayeredConfig(rays_min=config.rays_min, rays_max=config.rays_max, cell_px=float(config.cell_px))
+
+
+def render_scene(scene: Scene, config: SynthConfig) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Renders a scene's output canvas: ``{aif [S,S,3], bokeh [S,S,3], disparity [S,S], focus (),
+    strength (), coc [S,S]}`` (float32 NumPy; ``coc`` the CoC radius in pixels, ``coc_radius``) and the
+    rays per pixel actually traced (``{"n_rays": max, "rays_mean": mean}``)."""
+    from bokehdiff_jax.physics.optics import coc_radius
+    from bokehdiff_jax.render import composite_layers, render_layers
+
+    p, s = scene.pad, config.size
+    aif, disp = composite_layers(
+        scene.rgba_lhwc, scene.planes_l3, label=config.disparity_label, threshold=config.label_threshold
+    )
+    bokeh, rays = render_layers(
+        scene.rgba_lhwc,
+        scene.planes_l3,
+        scene.focus,
+        scene.strength,
+        config=layered_config(config),
+        crop=(p, p, s, s),
+        return_rays=True,
+    )
+    crop = (slice(p, p + s), slice(p, p + s))
+    disp = np.asarray(disp, np.float32)[crop]
+    focus, strength = np.float32(scene.focus), np.float32(scene.strength)
+    sample = {
+        "aif": np.clip(np.asarray(aif, np.float32)[crop], 0.0, 1.0),
+        "bokeh": np.clip(np.asarray(bokeh, np.float32), 0.0, 1.0),
+        "disparity": disp,
+        "focus": focus,
+        "strength": strength,
+        "coc": coc_radius(disp, focus, strength).astype(np.float32),
+    }
+    # Rays per pixel: per tile of the tracer, weighted by the tile's pixels inside the canvas.
+    rays = np.asarray(rays, np.float64)
+    t = layered_config(config).tile
+    cover = np.outer(_tile_pixels(s, t, rays.shape[0]), _tile_pixels(s, t, rays.shape[1]))
+    stats = {"n_rays": int(rays.max()), "rays_mean": round(float((rays * cover).sum() / cover.sum()), 2)}
+    return sample, stats
+
+
+def _tile_pixels(n: int, t: int, tiles: int) -> np.ndarray:
+    return np.minimum(t, n - t * np.arange(tiles)).astype(np.float64)
 
 
 def synthesize_with_meta(
     config: SynthConfig, fg_sources: Sequence[Source], bg_sources: Sequence[Source], seed: int, index: int
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """``synthesize`` plus the scene's JSON-ready metadata (layers, planes, sources, rays, padding)."""
+    """``synthesize`` plus the scene's JSON-ready metadata (layers, planes, sources, padding, the rays
+    traced), keys sorted at every level."""
     scene = sample_scene(config, fg_sources, bg_sources, seed, index)
-    return render_scene(scene, config), scene.meta
+    sample, stats = render_scene(scene, config)
+    return sample, _sorted(dict(scene.meta, **stats))
 
 
 def synthesize(

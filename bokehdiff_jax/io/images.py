@@ -88,14 +88,28 @@ def read_rgba(path: str | os.PathLike) -> np.ndarray:
     return np.concatenate([rgb, alpha[..., None]], axis=-1)
 
 
-def _to_uint8(array: np.ndarray, what: str) -> np.ndarray:
+def _quantize(array: np.ndarray, dtype: type, what: str) -> np.ndarray:
     a = np.asarray(array)
-    if a.dtype == np.uint8:
+    if a.dtype == dtype:
         return a
     a = a.astype(np.float32)
     if not np.all(np.isfinite(a)):
-        raise ValueError(f"{what} holds NaN or inf values")
-    return np.round(np.clip(a, 0.0, 1.0) * 255.0).astype(np.uint8)
+        raise InputError(f"{what} holds NaN or inf values")
+    top = float(np.iinfo(dtype).max)
+    # Round half up (floor(x + 0.5) on values >= 0): the project's one rounding rule for stored pixels.
+    return (np.clip(a, 0.0, 1.0) * top + 0.5).astype(dtype)
+
+
+def to_uint8(array: np.ndarray, what: str = "image") -> np.ndarray:
+    """Float in [0, 1] (clipped) -> uint8, ``floor(255 x + 0.5)``; uint8 passes through unchanged.
+    Any shape. NaN/inf are an ``InputError`` naming ``what``. The one float -> 8-bit conversion."""
+    return _quantize(array, np.uint8, what)
+
+
+def to_uint16(array: np.ndarray, what: str = "disparity") -> np.ndarray:
+    """Float in [0, 1] (clipped) -> uint16, ``floor(65535 x + 0.5)`` (16-bit PNG disparity); uint16 passes
+    through unchanged. NaN/inf are an ``InputError`` naming ``what``."""
+    return _quantize(array, np.uint16, what)
 
 
 def write_image(path: str | os.PathLike, array_hwc: np.ndarray, *, quality: int = 95) -> Path:
@@ -109,11 +123,11 @@ def write_image(path: str | os.PathLike, array_hwc: np.ndarray, *, quality: int 
         raise InputError(
             f"{path}: unsupported output extension; expected one of {sorted(IMAGE_WRITE_FORMATS)}"
         )
-    a = _to_uint8(np.asarray(array_hwc), f"image for {path}")
+    a = to_uint8(array_hwc, f"image for {path}")
     if a.ndim == 3 and a.shape[-1] == 1:
         a = a[..., 0]
     if not (a.ndim == 2 or (a.ndim == 3 and a.shape[-1] in (3, 4))):
-        raise ValueError(f"image for {path} must be [H, W], [H, W, 1], [H, W, 3] or [H, W, 4], got {a.shape}")
+        raise InputError(f"image for {path} must be [H, W], [H, W, 1], [H, W, 3] or [H, W, 4], got {a.shape}")
     if fmt == "JPEG" and a.ndim == 3 and a.shape[-1] == 4:
         a = a[..., :3]  # JPEG has no alpha
     with atomic_path(path) as tmp:
@@ -129,15 +143,14 @@ def write_disparity(path: str | os.PathLike, disparity_hw: np.ndarray) -> Path:
     path = Path(path)
     d = np.asarray(disparity_hw, np.float32)
     if d.ndim != 2 or not np.all(np.isfinite(d)):
-        raise ValueError(f"disparity for {path} must be a finite [H, W] array, got shape {d.shape}")
+        raise InputError(f"disparity for {path} must be a finite [H, W] array, got shape {d.shape}")
     suffix = path.suffix.lower()
     with atomic_path(path) as tmp:
         if suffix == ".npy":
             with open(tmp, "wb") as f:
                 np.save(f, d)
         elif suffix == ".png":
-            q = np.round(np.clip(d, 0.0, 1.0) * 65535.0).astype(np.uint16)
-            Image.fromarray(q).save(tmp, format="PNG")
+            Image.fromarray(to_uint16(d)).save(tmp, format="PNG")
         else:
             raise InputError(f"{path}: disparity is written as .npy or .png (16-bit), not {suffix!r}")
     return path

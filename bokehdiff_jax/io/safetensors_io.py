@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import struct
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -39,8 +40,12 @@ DTYPES: dict[str, np.dtype] = {
     "I16": np.dtype(np.int16),
     "I8": np.dtype(np.int8),
     "U8": np.dtype(np.uint8),
+    "U16": np.dtype(np.uint16),
+    "U32": np.dtype(np.uint32),
+    "U64": np.dtype(np.uint64),
     "BOOL": np.dtype(np.bool_),
 }
+FLOAT_DTYPES = frozenset(DTYPES[k] for k in ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"))
 DTYPE_NAMES: dict[np.dtype, str] = {v: k for k, v in DTYPES.items()}
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the reference implementation's limit too
 
@@ -66,6 +71,34 @@ def _sniff_not_safetensors(head: bytes) -> str | None:
     if head[:1] == b"\x80" and len(head) > 1 and head[1] <= 5:
         return "a Python pickle (a PyTorch .bin checkpoint?)"
     return None
+
+
+def _is_count(x: Any) -> bool:
+    """A JSON non-negative integer (``True`` and ``2.0`` are not; the format says ``usize``)."""
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+class _RepeatedName(Exception):
+    pass
+
+
+def _no_repeated_names(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """JSON object hook: a name given twice is an error (which entry wins would be the parser's whim)."""
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise _RepeatedName(k)
+        out[k] = v
+    return out
+
+
+def require_float(infos: Mapping[str, TensorInfo], what: str) -> None:
+    """Refuses (``InputError``) tensors stored as integers or booleans: model parameters are floats, and
+    casting an ``I32`` tensor to float reinterprets nothing, it silently changes every value."""
+    bad = sorted(f"{k} ({DTYPE_NAMES[i.dtype]})" for k, i in infos.items() if i.dtype not in FLOAT_DTYPES)
+    if bad:
+        shown = ", ".join(bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+        raise InputError(f"{what}: parameters must be floating point; stored as integers: {shown}")
 
 
 class SafetensorsFile(Mapping[str, np.ndarray]):
@@ -105,7 +138,11 @@ class SafetensorsFile(Mapping[str, np.ndarray]):
             raise InputError(f"{self.path}: header length {n} exceeds {MAX_HEADER_BYTES} bytes")
         raw = os.pread(self._fd, n, 8)
         try:
-            header = json.loads(raw.decode("utf-8"))
+            header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_repeated_names)
+        except _RepeatedName as e:
+            raise InputError(
+                f"{self.path}: tensor {e.args[0]!r} appears more than once in the header"
+            ) from None
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise InputError(
                 f"{self.path}: not a safetensors file: its header is not valid JSON ({e})"
@@ -115,22 +152,48 @@ class SafetensorsFile(Mapping[str, np.ndarray]):
                 f"{self.path}: safetensors header must be a JSON object, got {type(header).__name__}"
             )
         data_start, data_size = 8 + n, size - 8 - n
-        metadata = header.pop("__metadata__", None) or {}
+        metadata = header.pop("__metadata__", None)
+        if metadata is None:
+            metadata = {}
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise InputError(
+                f"{self.path}: __metadata__ must map strings to strings, got {json.dumps(metadata)[:80]}"
+            )
         infos: dict[str, TensorInfo] = {}
         for name, entry in header.items():
             infos[name] = self._check_entry(name, entry, data_size)
+        # The format's layout rule: the tensors tile the data buffer exactly, in offset order, with no
+        # byte shared (two tensors aliasing one region) and none unused (a gap, or trailing bytes).
+        covered = 0
+        for name, info in sorted(infos.items(), key=lambda kv: (kv[1].begin, kv[1].end)):
+            if info.begin != covered:
+                what = "overlaps the previous tensor" if info.begin < covered else "leaves a gap before it"
+                raise InputError(
+                    f"{self.path}: tensor {name!r} starts at byte {info.begin} of the data buffer, "
+                    f"expected {covered}: it {what}"
+                )
+            covered = info.end
+        if covered != data_size:
+            raise InputError(
+                f"{self.path}: the tensors cover {covered} of the {data_size} data bytes; "
+                "a safetensors file holds nothing else"
+            )
         return infos, metadata, data_start
 
     def _check_entry(self, name: str, entry: Any, data_size: int) -> TensorInfo:
         where = f"{self.path}: tensor {name!r}"
         try:
-            dtype_name, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-            shape = tuple(int(s) for s in shape)
-            begin, end = int(begin), int(end)
-        except (KeyError, TypeError, ValueError):
+            dtype_name, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+            if not (isinstance(shape, list) and all(_is_count(s) for s in shape)):
+                raise TypeError
+            if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+                raise TypeError
+        except (KeyError, TypeError):
             raise InputError(
-                f"{where}: malformed entry {entry!r} (need dtype, shape, data_offsets)"
+                f"{where}: malformed entry {json.dumps(entry)[:200]} (need dtype, shape: a list of "
+                "integers >= 0, data_offsets: [begin, end] integers >= 0)"
             ) from None
+        shape, (begin, end) = tuple(shape), offsets
         if dtype_name not in DTYPES:
             raise InputError(f"{where}: unsupported dtype {dtype_name!r} (supported: {sorted(DTYPES)})")
         dtype = DTYPES[dtype_name]
@@ -139,7 +202,7 @@ class SafetensorsFile(Mapping[str, np.ndarray]):
                 f"{where}: data offsets [{begin}, {end}] lie outside the {data_size}-byte data buffer "
                 "(truncated file?)"
             )
-        if any(s < 0 for s in shape) or (end - begin) != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
+        if (end - begin) != math.prod(shape) * dtype.itemsize:  # exact: no int64 wrap-around
             raise InputError(
                 f"{where}: {end - begin} bytes do not hold a {dtype_name} tensor of shape {shape}"
             )
@@ -193,7 +256,13 @@ class ShardedSafetensors(Mapping[str, np.ndarray]):
                 f"{index_path}: not a valid shard index (need JSON with a 'weight_map' object)"
             ) from None
         self.path = index_path
-        self._where = {str(k): str(v) for k, v in weight_map.items()}
+        odd = sorted({repr(v) for v in weight_map.values() if not _is_plain_file_name(v)})
+        if odd:
+            raise InputError(
+                f"{index_path}: weight_map names shard files {', '.join(odd[:3])} that are not plain file "
+                "names in the index's folder"
+            )
+        self._where = dict(weight_map)
         files = sorted(set(self._where.values()))
         missing = [f for f in files if not (index_path.parent / f).is_file()]
         if missing:
@@ -239,6 +308,11 @@ class ShardedSafetensors(Mapping[str, np.ndarray]):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _is_plain_file_name(name: Any) -> bool:
+    # A shard is a file beside its index: never a path elsewhere ("../x", "/etc/x").
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and os.sep not in name
 
 
 def _variant_name(name: str, variant: str | None) -> str:
@@ -309,7 +383,7 @@ def write_safetensors(
             raise InputError(f"tensor {s.name!r}: dtype {dt} cannot be stored in safetensors")
         if s.name in header:
             raise InputError(f"tensor {s.name!r} appears twice")
-        nbytes = int(np.prod(s.shape, dtype=np.int64)) * dt.itemsize
+        nbytes = math.prod(s.shape) * dt.itemsize
         header[s.name] = {
             "dtype": DTYPE_NAMES[dt],
             "shape": list(s.shape),

@@ -167,6 +167,10 @@ class UNetConfig:
     projection_class_embeddings_input_dim: int | None = 2816
     upcast_attention: bool = False
     sample_size: int | None = 128
+    # text_time micro-conditioning ids: 6 for SDXL base (original size, crop, target size), 5 for the
+    # refiner (original size, crop, aesthetic score). Not in diffusers' U-Net config (its pipeline's
+    # requires_aesthetics_score says it), so from_diffusers takes it as an argument.
+    num_time_ids: int = 6
 
     def __post_init__(self) -> None:
         _check_types(self, "U-Net")
@@ -202,6 +206,12 @@ class UNetConfig:
                 "U-Net config: text_time needs addition_time_embed_dim and "
                 "projection_class_embeddings_input_dim"
             )
+        if self.addition_embed_type == "text_time" and self.text_embeds_dim < 1:
+            raise InputError(
+                "U-Net config: projection_class_embeddings_input_dim "
+                f"{self.projection_class_embeddings_input_dim} leaves no room for the pooled text "
+                f"embedding beside {self.num_time_ids} time ids of width {self.addition_time_embed_dim}"
+            )
 
     @property
     def time_embed_dim(self) -> int:
@@ -212,34 +222,18 @@ class UNetConfig:
         """Width of the pooled text embedding that ``text_time`` expects (1280 for SDXL; 0 without)."""
         if self.addition_embed_type != "text_time":
             return 0
-        return self.projection_class_embeddings_input_dim - 6 * self.addition_time_embed_dim
+        return self.projection_class_embeddings_input_dim - self.num_time_ids * self.addition_time_embed_dim
 
     @classmethod
     def sdxl(cls) -> UNetConfig:
         return cls.from_diffusers(SDXL_CONFIG_DIR / "unet_config.json")
 
     @classmethod
-    def tiny(cls) -> UNetConfig:
-        """SDXL's block layout at toy width, for CPU tests."""
-        return cls(
-            block_out_channels=(32, 64, 64),
-            transformer_layers_per_block=(1, 1, 2),
-            num_attention_heads=(1, 2, 4),
-            cross_attention_dim=24,
-            norm_num_groups=8,
-            addition_time_embed_dim=8,
-            projection_class_embeddings_input_dim=6 * 8 + 16,
-            sample_size=16,
-        )
-
-    @classmethod
-    def from_json(cls, path: str | os.PathLike) -> UNetConfig:
-        """From a diffusers ``config.json`` file (or the folder holding it)."""
-        return cls.from_diffusers(path)
-
-    @classmethod
-    def from_diffusers(cls, config: str | os.PathLike | dict[str, Any]) -> UNetConfig:
-        """From a diffusers ``config.json`` (its path, its folder, or the parsed dict)."""
+    def from_diffusers(
+        cls, config: str | os.PathLike | dict[str, Any], *, num_time_ids: int = 6
+    ) -> UNetConfig:
+        """From a diffusers ``config.json`` (its path, its folder, or the parsed dict); ``num_time_ids``
+        5 for a refiner-style U-Net (see the field)."""
         cfg = _load(config)
         _check(cfg, _UNET_FIXED, _UNET_VALUE_KEYS, "U-Net")
         defaults = {
@@ -283,6 +277,7 @@ class UNetConfig:
                 projection_class_embeddings_input_dim=cfg.get("projection_class_embeddings_input_dim"),
                 upcast_attention=bool(cfg.get("upcast_attention")),
                 sample_size=cfg.get("sample_size"),
+                num_time_ids=num_time_ids,
             )
         except KeyError as e:
             raise InputError(f"U-Net config: missing key {e.args[0]!r}") from None
@@ -349,15 +344,6 @@ class VAEConfig:
     @classmethod
     def sdxl(cls) -> VAEConfig:
         return cls.from_diffusers(SDXL_CONFIG_DIR / "vae_config.json")
-
-    @classmethod
-    def tiny(cls) -> VAEConfig:
-        return cls(block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=8, sample_size=32)
-
-    @classmethod
-    def from_json(cls, path: str | os.PathLike) -> VAEConfig:
-        """From a diffusers ``config.json`` file (or the folder holding it)."""
-        return cls.from_diffusers(path)
 
     @classmethod
     def from_diffusers(cls, config: str | os.PathLike | dict[str, Any]) -> VAEConfig:

@@ -10,6 +10,8 @@ diffusers path matches ``LoRAConfig.targets`` creates ``lora/<path>/A`` and ``lo
 and applies them whenever the ``"lora"`` collection is passed to ``apply``. Leave the collection out
 and the same model is the base model. ``y = base(x) + (alpha / rank) * B(A(x))``, as in peft: for a
 Conv, ``A`` is a conv with the base kernel size, stride and padding and ``B`` a 1x1 conv.
+
+Sizes are the leading fields; ``lora`` and ``precision`` (``models.options``) are keyword-only.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Sequence
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -25,45 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from bokehdiff_jax.models.naming import flax_module_to_torch
-
-Dtype = Any
-
-# SPEC section 3: the U-Net modules the released model trains with LoRA (peft ``target_modules``).
-SPEC_LORA_TARGETS: tuple[str, ...] = (
-    "to_q",
-    "to_k",
-    "to_v",
-    "to_out.0",
-    "proj_in",
-    "proj_out",
-    "ff.net.0.proj",
-    "ff.net.2",
-    "conv1",
-    "conv2",
-    "conv_shortcut",
-    "downsamplers.0.conv",
-    "upsamplers.0.conv",
-    "time_emb_proj",
-)
+from bokehdiff_jax.models.options import LoRAConfig, Precision
 
 LORA_COLLECTION = "lora"
-
-
-@dataclasses.dataclass(frozen=True)
-class LoRAConfig:
-    """Where LoRA goes and how big it is. A target matches a path equal to it or ending in ``.target``
-    (peft's rule for ``target_modules`` names)."""
-
-    rank: int = 8
-    alpha: float = 8.0
-    targets: tuple[str, ...] = SPEC_LORA_TARGETS
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
-
-    def applies_to(self, path: str) -> bool:
-        return any(path == t or path.endswith("." + t) for t in self.targets)
 
 
 class ModelRoot:
@@ -113,26 +78,25 @@ def _lora_pair(
 
 
 class Dense(nn.Module):
-    """``y = x @ kernel + bias`` over the last axis, with optional LoRA. Params in fp32, math in ``dtype``."""
+    """``y = x @ kernel + bias`` over the last axis, with optional LoRA. Params in ``precision.param_dtype``,
+    math in ``precision.dtype`` (the input's if None)."""
 
     features: int
     use_bias: bool = True
+    _: dataclasses.KW_ONLY
     lora: LoRAConfig | None = None
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
+    precision: Precision = Precision()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        dtype = self.dtype or x.dtype
+        dtype, param_dtype = self.precision.dtype or x.dtype, self.precision.param_dtype
         kernel = self.param(
-            "kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features), self.param_dtype
+            "kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features), param_dtype
         )
         x = x.astype(dtype)
         y = jnp.einsum("...i,io->...o", x, kernel.astype(dtype))
         if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype).astype(
-                dtype
-            )
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,), param_dtype).astype(dtype)
         pair = _lora_pair(
             self,
             self.lora,
@@ -158,20 +122,18 @@ class Conv(nn.Module):
     kernel_size: int = 3
     stride: int = 1
     padding: tuple[tuple[int, int], tuple[int, int]] | None = None  # None: "same" for odd kernels
+    _: dataclasses.KW_ONLY
     lora: LoRAConfig | None = None
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
+    precision: Precision = Precision()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        dtype = self.dtype or x.dtype
+        dtype, param_dtype = self.precision.dtype or x.dtype, self.precision.param_dtype
         k = self.kernel_size
         pad = self.padding if self.padding is not None else ((k // 2, k // 2), (k // 2, k // 2))
         cin = x.shape[-1]
-        kernel = self.param(
-            "kernel", nn.initializers.lecun_normal(), (k, k, cin, self.features), self.param_dtype
-        )
-        bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, cin, self.features), param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), param_dtype)
         x = x.astype(dtype)
         y = _conv(x, kernel.astype(dtype), self.stride, pad) + bias.astype(dtype)
         r = self.lora.rank if self.lora else 0
@@ -193,26 +155,23 @@ class GroupNorm(nn.Module):
 
     groups: int
     eps: float
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
+    _: dataclasses.KW_ONLY
+    precision: Precision = Precision()
 
     @nn.compact
     def __call__(self, x_bhwc: jax.Array) -> jax.Array:
         b, h, w, c = x_bhwc.shape
         k = c // self.groups
-        scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype).astype(jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype).astype(jnp.float32)
+        param_dtype = self.precision.param_dtype
+        scale = self.param("scale", nn.initializers.ones, (c,), param_dtype).astype(jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), param_dtype).astype(jnp.float32)
         x = x_bhwc.astype(jnp.float32)
         per_group = lambda t_bc: jnp.repeat(t_bc.reshape(b, self.groups, k).sum(-1) / (h * w * k), k, axis=-1)
         mean_bc = per_group(x.sum(axis=(1, 2)))
         var_bc = per_group(jnp.square(x - mean_bc[:, None, None]).sum(axis=(1, 2)))
         mul_bc = jax.lax.rsqrt(var_bc + self.eps) * scale
         y = x * mul_bc[:, None, None] + (bias - mean_bc * mul_bc)[:, None, None]
-        return y.astype(self.dtype or x_bhwc.dtype)
-
-
-def group_norm(groups: int, eps: float, name: str, dtype: Dtype | None, param_dtype: Dtype = jnp.float32):
-    return GroupNorm(groups, eps, dtype, param_dtype, name=name)
+        return y.astype(self.precision.dtype or x_bhwc.dtype)
 
 
 def resize_nearest(x_bhwc: jax.Array, size: tuple[int, int]) -> jax.Array:
@@ -246,14 +205,14 @@ class ResnetBlock2D(nn.Module):
     out_channels: int
     groups: int
     eps: float
+    _: dataclasses.KW_ONLY
     lora: LoRAConfig | None = None
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
+    precision: Precision = Precision()
 
     @nn.compact
     def __call__(self, x_bhwc: jax.Array, temb_bc: jax.Array | None = None) -> jax.Array:
-        kw = dict(lora=self.lora, dtype=self.dtype, param_dtype=self.param_dtype)
-        norm = lambda name: group_norm(self.groups, self.eps, name, self.dtype, self.param_dtype)
+        kw = dict(lora=self.lora, precision=self.precision)
+        norm = lambda name: GroupNorm(self.groups, self.eps, precision=self.precision, name=name)
         h = Conv(self.out_channels, name="conv1", **kw)(nn.silu(norm("norm1")(x_bhwc)))
         if temb_bc is not None:
             t = Dense(self.out_channels, name="time_emb_proj", **kw)(nn.silu(temb_bc))
@@ -270,14 +229,14 @@ class Downsample2D(nn.Module):
 
     out_channels: int
     pad_right_only: bool = False
+    _: dataclasses.KW_ONLY
     lora: LoRAConfig | None = None
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
+    precision: Precision = Precision()
 
     @nn.compact
     def __call__(self, x_bhwc: jax.Array) -> jax.Array:
         pad = ((0, 1), (0, 1)) if self.pad_right_only else ((1, 1), (1, 1))
-        conv = Conv(self.out_channels, 3, 2, pad, self.lora, self.dtype, self.param_dtype, name="conv")
+        conv = Conv(self.out_channels, 3, 2, pad, lora=self.lora, precision=self.precision, name="conv")
         return conv(x_bhwc)
 
 
@@ -285,33 +244,12 @@ class Upsample2D(nn.Module):
     """Nearest upsampling (to ``size``, default 2x) then the 3x3 conv ``conv``."""
 
     out_channels: int
+    _: dataclasses.KW_ONLY
     lora: LoRAConfig | None = None
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
+    precision: Precision = Precision()
 
     @nn.compact
     def __call__(self, x_bhwc: jax.Array, size: tuple[int, int] | None = None) -> jax.Array:
         size = size or (2 * x_bhwc.shape[1], 2 * x_bhwc.shape[2])
         x_bhwc = resize_nearest(x_bhwc, tuple(size))
-        conv = Conv(
-            self.out_channels, lora=self.lora, dtype=self.dtype, param_dtype=self.param_dtype, name="conv"
-        )
-        return conv(x_bhwc)
-
-
-def dot_product_attention(q_bqhd: jax.Array, k_bkhd: jax.Array, v_bkhd: jax.Array) -> jax.Array:
-    """Softmax attention, ``[B, Q, H, D] x [B, K, H, D] -> [B, Q, H, D]``, same values as
-    ``jax.nn.dot_product_attention`` (scale ``1/sqrt(D)``, fp32 logits and softmax).
-
-    Normalises after the value product (a ``[B, H, Q, D]`` division instead of a ``[B, H, Q, K]``
-    one) and skips ``jax.nn.softmax``'s custom derivative: 3.9x faster on CPU than
-    ``jax.nn.dot_product_attention`` at 1024 tokens, 2 heads of 64 (XLA picks no fused kernel there).
-    Meant for ``attention.attend``'s vanilla path.
-    """
-    dtype = q_bqhd.dtype
-    q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q_bqhd, k_bkhd, v_bkhd))  # [B, H, T, D]
-    scale = 1.0 / np.sqrt(q.shape[-1])
-    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
-    p = jnp.exp(logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True)))
-    o = jnp.einsum("bhqk,bhkd->bhqd", p, v.astype(jnp.float32)) / p.sum(-1, keepdims=True)
-    return jnp.swapaxes(o, 1, 2).astype(dtype)
+        return Conv(self.out_channels, lora=self.lora, precision=self.precision, name="conv")(x_bhwc)

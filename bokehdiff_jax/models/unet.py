@@ -8,37 +8,32 @@ and ``attention_context`` (per call) carries PISA's inputs.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bokehdiff_jax.errors import InputError
 from bokehdiff_jax.models.attention import AttentionRouting
 from bokehdiff_jax.models.configs import UNetConfig
-from bokehdiff_jax.models.layers import (
-    Conv,
-    Dense,
-    Dtype,
-    LoRAConfig,
-    ModelRoot,
-    group_norm,
-    timestep_embedding,
-)
-from bokehdiff_jax.models.unet_blocks import DownBlock, MidBlock, Precision, UpBlock
+from bokehdiff_jax.models.layers import Conv, Dense, GroupNorm, ModelRoot, timestep_embedding
+from bokehdiff_jax.models.options import BlockOptions, Dtype, LoRAConfig, Precision
+from bokehdiff_jax.models.unet_blocks import DownBlock, MidBlock, UpBlock
 
 
 class TimestepEmbedding(nn.Module):
     """``linear_1``, SiLU, ``linear_2``."""
 
     features: int
+    _: dataclasses.KW_ONLY
     precision: Precision = Precision()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        p = self.precision
-        x = nn.silu(Dense(self.features, dtype=p.dtype, param_dtype=p.param_dtype, name="linear_1")(x))
-        return Dense(self.features, dtype=p.dtype, param_dtype=p.param_dtype, name="linear_2")(x)
+        x = nn.silu(Dense(self.features, precision=self.precision, name="linear_1")(x))
+        return Dense(self.features, precision=self.precision, name="linear_2")(x)
 
 
 class UNet2DConditionModel(nn.Module, ModelRoot):
@@ -70,7 +65,6 @@ class UNet2DConditionModel(nn.Module, ModelRoot):
         time_ids: jax.Array | None = None,
         *,
         attention_context: Any = None,
-        train: bool = False,
     ) -> jax.Array:
         """One U-Net evaluation.
 
@@ -80,28 +74,30 @@ class UNet2DConditionModel(nn.Module, ModelRoot):
           timesteps: scalar or ``[B]`` diffusion timesteps (0..999).
           encoder_hidden_states: text tokens ``[B, S, cross_attention_dim]``.
           text_embeds: pooled text embedding ``[B, 1280]`` (SDXL ``text_time`` conditioning).
-          time_ids: ``[B, 6]`` = original ``(H, W)``, crop top-left ``(y, x)``, target ``(H, W)``.
+          time_ids: ``[B, 6]`` = original ``(H, W)``, crop top-left ``(y, x)``, target ``(H, W)``;
+            ``[B, 5]`` for a refiner (``config.num_time_ids``): the last is the aesthetic score.
           attention_context: PISA inputs (``attention.PisaInputs``), passed unchanged to every
-            ``attend`` call; None: vanilla attention everywhere.
-          train: accepted for the trainer's uniform call; SDXL's U-Net has no dropout, and PISA's
-            training mode travels in ``attention_context``.
+            ``attend`` call; None: vanilla attention everywhere. PISA's training mode travels in it
+            (SDXL's U-Net has no dropout of its own, so there is no ``train`` argument).
 
         Returns ``[B, h, w, out_channels]``, in ``dtype``.
         """
-        del train
         cfg = self.config
         b = sample.shape[0]
         dtype = self.dtype or sample.dtype
-        p = Precision(self.dtype, self.param_dtype)
+        p = Precision(dtype=self.dtype, param_dtype=self.param_dtype)
+        options = BlockOptions(routing=self.routing, lora=self.lora, remat=self.remat, precision=p)
 
         t_b = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32).reshape(-1), (b,))
         t_emb = timestep_embedding(
             t_b, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift
         )
-        emb_bc = TimestepEmbedding(cfg.time_embed_dim, p, name="time_embedding")(t_emb.astype(dtype))
+        emb_bc = TimestepEmbedding(cfg.time_embed_dim, precision=p, name="time_embedding")(
+            t_emb.astype(dtype)
+        )
         if cfg.addition_embed_type == "text_time":
             if text_embeds is None or time_ids is None:
-                raise ValueError("this U-Net has text_time conditioning: pass text_embeds and time_ids")
+                raise InputError("this U-Net has text_time conditioning: pass text_embeds and time_ids")
             ids_emb = timestep_embedding(
                 time_ids.reshape(-1),
                 cfg.addition_time_embed_dim,
@@ -109,19 +105,16 @@ class UNet2DConditionModel(nn.Module, ModelRoot):
                 freq_shift=cfg.freq_shift,
             ).reshape(b, -1)
             add_bc = jnp.concatenate([text_embeds.astype(jnp.float32), ids_emb], axis=-1).astype(dtype)
-            emb_bc = emb_bc + TimestepEmbedding(cfg.time_embed_dim, p, name="add_embedding")(add_bc)
+            emb_bc = emb_bc + TimestepEmbedding(cfg.time_embed_dim, precision=p, name="add_embedding")(add_bc)
 
-        x = Conv(cfg.block_out_channels[0], dtype=p.dtype, param_dtype=p.param_dtype, name="conv_in")(sample)
+        x = Conv(cfg.block_out_channels[0], precision=p, name="conv_in")(sample)
         common = dict(
             num_layers=cfg.layers_per_block,
             groups=cfg.norm_num_groups,
             eps=cfg.norm_eps,
             use_linear_projection=cfg.use_linear_projection,
-            routing=self.routing,
             upcast=cfg.upcast_attention,
-            lora=self.lora,
-            remat=self.remat,
-            precision=p,
+            options=options,
         )
         skips = [x]
         n = len(cfg.block_out_channels)
@@ -165,8 +158,8 @@ class UNet2DConditionModel(nn.Module, ModelRoot):
                 None if final else tuple(skips[-1].shape[1:3]),
             )
 
-        x = nn.silu(group_norm(cfg.norm_num_groups, cfg.norm_eps, "conv_norm_out", p.dtype, p.param_dtype)(x))
-        return Conv(cfg.out_channels, dtype=p.dtype, param_dtype=p.param_dtype, name="conv_out")(x)
+        x = nn.silu(GroupNorm(cfg.norm_num_groups, cfg.norm_eps, precision=p, name="conv_norm_out")(x))
+        return Conv(cfg.out_channels, precision=p, name="conv_out")(x)
 
     def init_inputs(self, batch: int = 1, size: tuple[int, int] | None = None, seq: int = 77) -> tuple:
         """Example inputs with the right shapes (zeros), for ``init`` and ``jax.eval_shape``."""
@@ -178,5 +171,8 @@ class UNet2DConditionModel(nn.Module, ModelRoot):
             jnp.zeros((batch, seq, cfg.cross_attention_dim), jnp.float32),
         ]
         if cfg.addition_embed_type == "text_time":
-            args += [jnp.zeros((batch, cfg.text_embeds_dim), jnp.float32), jnp.zeros((batch, 6), jnp.float32)]
+            args += [
+                jnp.zeros((batch, cfg.text_embeds_dim), jnp.float32),
+                jnp.zeros((batch, cfg.num_time_ids), jnp.float32),
+            ]
         return tuple(args)

@@ -1,9 +1,11 @@
 """The U-Net's transformer and its down, mid and up blocks, named after diffusers' modules.
 
 Linen names are diffusers attribute names with each index joined by ``_`` (``resnets_0``,
-``attentions_1``, ``to_out_0``, ``ff/net_0/proj``), the naming rule of ``convert.mapping``; an
+``attentions_1``, ``to_out_0``, ``ff/net_0/proj``), the naming rule of ``models.naming``; an
 attention layer's diffusers path (``diffusers_path``) is what ``AttentionRouting`` matches.
-Activations are ``NHWC`` or ``[batch, tokens, channels]``.
+Activations are ``NHWC`` or ``[batch, tokens, channels]``. Architecture sizes are the leading fields;
+what every block passes down unchanged (routing, LoRA, remat, precision) is one keyword-only
+``options: BlockOptions``.
 """
 
 from __future__ import annotations
@@ -15,26 +17,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bokehdiff_jax.models.attention import AttentionRouting, attend
+from bokehdiff_jax.models.attention import attend
 from bokehdiff_jax.models.layers import (
     Conv,
     Dense,
     Downsample2D,
-    Dtype,
-    LoRAConfig,
+    GroupNorm,
     ResnetBlock2D,
     Upsample2D,
     diffusers_path,
-    group_norm,
 )
-
-
-@dataclasses.dataclass(frozen=True)
-class Precision:
-    """Compute and parameter dtypes, passed down as one field."""
-
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
+from bokehdiff_jax.models.options import BlockOptions
 
 
 def _maybe_remat(cls: type[nn.Module], remat: bool) -> type[nn.Module]:
@@ -52,17 +45,16 @@ class Attention(nn.Module):
     heads: int
     head_dim: int
     grid: tuple[int, int]
-    routing: AttentionRouting = AttentionRouting()
+    _: dataclasses.KW_ONLY
     upcast: bool = False
-    lora: LoRAConfig | None = None
-    precision: Precision = Precision()
+    options: BlockOptions = BlockOptions()
 
     @nn.compact
     def __call__(self, x_btc: jax.Array, context_bsc: jax.Array | None = None, attention_context: Any = None):
         b, n, c = x_btc.shape
         inner = self.heads * self.head_dim
-        p = self.precision
-        dense = lambda f, name, bias=False: Dense(f, bias, self.lora, p.dtype, p.param_dtype, name=name)
+        o_ = self.options
+        dense = lambda f, name, bias=False: Dense(f, bias, lora=o_.lora, precision=o_.precision, name=name)
         kv_in = x_btc if context_bsc is None else context_bsc
         split = lambda t: t.reshape(b, t.shape[1], self.heads, self.head_dim)
         q, k, v = (
@@ -79,7 +71,7 @@ class Attention(nn.Module):
             v,
             path=diffusers_path(self),
             grid=self.grid,
-            routing=self.routing,
+            routing=o_.routing,
             context=attention_context,
         )
         return dense(c, "to_out_0", True)(o.astype(dtype).reshape(b, n, inner))
@@ -89,13 +81,13 @@ class GEGLU(nn.Module):
     """``proj`` to 2 x ``features``, then ``value * gelu(gate)`` (exact gelu, as torch's default)."""
 
     features: int
-    lora: LoRAConfig | None = None
-    precision: Precision = Precision()
+    _: dataclasses.KW_ONLY
+    options: BlockOptions = BlockOptions()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        p = self.precision
-        h = Dense(2 * self.features, lora=self.lora, dtype=p.dtype, param_dtype=p.param_dtype, name="proj")(x)
+        o = self.options
+        h = Dense(2 * self.features, lora=o.lora, precision=o.precision, name="proj")(x)
         value, gate = jnp.split(h, 2, axis=-1)
         return value * jax.nn.gelu(gate, approximate=False)
 
@@ -103,14 +95,14 @@ class GEGLU(nn.Module):
 class FeedForward(nn.Module):
     """``net_0`` (GEGLU to 4 x width) then ``net_2`` back; diffusers' ``net.1`` is a parameterless dropout."""
 
-    lora: LoRAConfig | None = None
-    precision: Precision = Precision()
+    _: dataclasses.KW_ONLY
+    options: BlockOptions = BlockOptions()
 
     @nn.compact
     def __call__(self, x_btc: jax.Array) -> jax.Array:
-        p, dim = self.precision, x_btc.shape[-1]
-        h = GEGLU(4 * dim, self.lora, p, name="net_0")(x_btc)
-        return Dense(dim, lora=self.lora, dtype=p.dtype, param_dtype=p.param_dtype, name="net_2")(h)
+        o, dim = self.options, x_btc.shape[-1]
+        h = GEGLU(4 * dim, options=o, name="net_0")(x_btc)
+        return Dense(dim, lora=o.lora, precision=o.precision, name="net_2")(h)
 
 
 class BasicTransformerBlock(nn.Module):
@@ -119,21 +111,21 @@ class BasicTransformerBlock(nn.Module):
     heads: int
     head_dim: int
     grid: tuple[int, int]
-    routing: AttentionRouting = AttentionRouting()
+    _: dataclasses.KW_ONLY
     upcast: bool = False
-    lora: LoRAConfig | None = None
-    precision: Precision = Precision()
+    options: BlockOptions = BlockOptions()
 
     @nn.compact
     def __call__(self, x_btc: jax.Array, context_bsc: jax.Array, attention_context: Any = None) -> jax.Array:
-        p = self.precision
+        o = self.options
+        p = o.precision
         ln = lambda name: nn.LayerNorm(1e-5, dtype=p.dtype, param_dtype=p.param_dtype, name=name)
         attn = lambda name: Attention(
-            self.heads, self.head_dim, self.grid, self.routing, self.upcast, self.lora, p, name=name
+            self.heads, self.head_dim, self.grid, upcast=self.upcast, options=o, name=name
         )
         x_btc = attn("attn1")(ln("norm1")(x_btc), None, attention_context) + x_btc
         x_btc = attn("attn2")(ln("norm2")(x_btc), context_bsc, attention_context) + x_btc
-        return FeedForward(self.lora, p, name="ff")(ln("norm3")(x_btc)) + x_btc
+        return FeedForward(options=o, name="ff")(ln("norm3")(x_btc)) + x_btc
 
 
 class Transformer2DModel(nn.Module):
@@ -142,29 +134,31 @@ class Transformer2DModel(nn.Module):
     heads: int
     num_layers: int
     groups: int
+    _: dataclasses.KW_ONLY
     use_linear_projection: bool = True
-    routing: AttentionRouting = AttentionRouting()
     upcast: bool = False
-    lora: LoRAConfig | None = None
-    remat: bool = False
-    precision: Precision = Precision()
+    options: BlockOptions = BlockOptions()
 
     @nn.compact
     def __call__(self, x_bhwc: jax.Array, context_bsc: jax.Array, attention_context: Any = None) -> jax.Array:
         b, h, w, c = x_bhwc.shape
-        p = self.precision
-        kw = dict(lora=self.lora, dtype=p.dtype, param_dtype=p.param_dtype)
-        y = group_norm(self.groups, 1e-6, "norm", p.dtype, p.param_dtype)(x_bhwc)
+        o = self.options
+        kw = dict(lora=o.lora, precision=o.precision)
+        y = GroupNorm(self.groups, 1e-6, precision=o.precision, name="norm")(x_bhwc)
         if self.use_linear_projection:
             y = Dense(c, name="proj_in", **kw)(y.reshape(b, h * w, c))
         else:
             y = Conv(c, 1, name="proj_in", **kw)(y).reshape(b, h * w, c)
-        block = _maybe_remat(BasicTransformerBlock, self.remat)
+        block = _maybe_remat(BasicTransformerBlock, o.remat)
         for i in range(self.num_layers):
             y = block(
-                self.heads, c // self.heads, (h, w), self.routing, self.upcast, self.lora, p,
+                self.heads,
+                c // self.heads,
+                (h, w),
+                upcast=self.upcast,
+                options=o,
                 name=f"transformer_blocks_{i}",
-            )(y, context_bsc, attention_context)  # fmt: skip
+            )(y, context_bsc, attention_context)
         if self.use_linear_projection:
             y = Dense(c, name="proj_out", **kw)(y).reshape(b, h, w, c)
         else:
@@ -176,29 +170,32 @@ class UNetBlockBase(nn.Module):
     """Shared fields of the U-Net's down, mid and up blocks. ``heads == 0``: no attentions."""
 
     out_channels: int
+    _: dataclasses.KW_ONLY
     num_layers: int
     groups: int
     eps: float
     heads: int = 0
     transformer_layers: int = 1
     use_linear_projection: bool = True
-    routing: AttentionRouting = AttentionRouting()
     upcast: bool = False
-    lora: LoRAConfig | None = None
-    remat: bool = False
-    precision: Precision = Precision()
+    options: BlockOptions = BlockOptions()
 
     def _resnet(self, i: int) -> nn.Module:
-        p = self.precision
-        return _maybe_remat(ResnetBlock2D, self.remat)(
-            self.out_channels, self.groups, self.eps, self.lora, p.dtype, p.param_dtype, name=f"resnets_{i}"
+        o = self.options
+        return _maybe_remat(ResnetBlock2D, o.remat)(
+            self.out_channels, self.groups, self.eps, lora=o.lora, precision=o.precision, name=f"resnets_{i}"
         )
 
     def _attention(self, i: int) -> nn.Module:
         return Transformer2DModel(
-            self.heads, self.transformer_layers, self.groups, self.use_linear_projection, self.routing,
-            self.upcast, self.lora, self.remat, self.precision, name=f"attentions_{i}",
-        )  # fmt: skip
+            self.heads,
+            self.transformer_layers,
+            self.groups,
+            use_linear_projection=self.use_linear_projection,
+            upcast=self.upcast,
+            options=self.options,
+            name=f"attentions_{i}",
+        )
 
 
 class DownBlock(UNetBlockBase):
@@ -215,10 +212,8 @@ class DownBlock(UNetBlockBase):
                 x_bhwc = self._attention(i)(x_bhwc, context_bsc, attention_context)
             skips.append(x_bhwc)
         if self.add_downsample:
-            p = self.precision
-            down = Downsample2D(
-                self.out_channels, False, self.lora, p.dtype, p.param_dtype, name="downsamplers_0"
-            )
+            o = self.options
+            down = Downsample2D(self.out_channels, lora=o.lora, precision=o.precision, name="downsamplers_0")
             x_bhwc = down(x_bhwc)
             skips.append(x_bhwc)
         return x_bhwc, tuple(skips)
@@ -249,7 +244,7 @@ class UpBlock(UNetBlockBase):
             if self.heads:
                 x_bhwc = self._attention(i)(x_bhwc, context_bsc, attention_context)
         if self.add_upsample:
-            p = self.precision
-            up = Upsample2D(self.out_channels, self.lora, p.dtype, p.param_dtype, name="upsamplers_0")
+            o = self.options
+            up = Upsample2D(self.out_channels, lora=o.lora, precision=o.precision, name="upsamplers_0")
             x_bhwc = up(x_bhwc, upsample_size)
         return x_bhwc

@@ -12,6 +12,8 @@ attention), so the result equals the untiled one while device memory holds about
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -22,14 +24,13 @@ from bokehdiff_jax.models.layers import (
     Conv,
     Dense,
     Downsample2D,
-    Dtype,
+    GroupNorm,
     ModelRoot,
     ResnetBlock2D,
     Upsample2D,
     diffusers_path,
-    group_norm,
 )
-from bokehdiff_jax.models.unet_blocks import Precision
+from bokehdiff_jax.models.options import Dtype, Precision
 
 _EPS = 1e-6  # every norm of diffusers' VAE
 _NO_PISA = AttentionRouting(pisa_paths=())
@@ -44,14 +45,15 @@ class VAEAttention(nn.Module):
     """
 
     groups: int
+    _: dataclasses.KW_ONLY
     precision: Precision = Precision()
 
     @nn.compact
     def __call__(self, x_bhwc: jax.Array) -> jax.Array:
         b, h, w, c = x_bhwc.shape
         p = self.precision
-        y = group_norm(self.groups, _EPS, "group_norm", p.dtype, p.param_dtype)(x_bhwc).reshape(b, h * w, c)
-        dense = lambda name: Dense(c, dtype=p.dtype, param_dtype=p.param_dtype, name=name)
+        y = GroupNorm(self.groups, _EPS, precision=p, name="group_norm")(x_bhwc).reshape(b, h * w, c)
+        dense = lambda name: Dense(c, precision=p, name=name)
         q, k, v = (dense(f"to_{n}")(y).reshape(b, h * w, 1, c) for n in "qkv")
         o = attend(q, k, v, path=diffusers_path(self), grid=(h, w), routing=_NO_PISA, context=None)
         o = dense("to_out_0")(o.reshape(b, h * w, c))
@@ -63,18 +65,17 @@ class VAEMidBlock(nn.Module):
 
     channels: int
     groups: int
+    _: dataclasses.KW_ONLY
     add_attention: bool
     precision: Precision = Precision()
 
     @nn.compact
     def __call__(self, x_bhwc: jax.Array) -> jax.Array:
         p = self.precision
-        resnet = lambda i: ResnetBlock2D(
-            self.channels, self.groups, _EPS, None, p.dtype, p.param_dtype, name=f"resnets_{i}"
-        )
+        resnet = lambda i: ResnetBlock2D(self.channels, self.groups, _EPS, precision=p, name=f"resnets_{i}")
         x_bhwc = resnet(0)(x_bhwc)
         if self.add_attention:
-            x_bhwc = VAEAttention(self.groups, p, name="attentions_0")(x_bhwc)
+            x_bhwc = VAEAttention(self.groups, precision=p, name="attentions_0")(x_bhwc)
         return resnet(1)(x_bhwc)
 
 
@@ -85,6 +86,7 @@ class VAEBlock(nn.Module):
     channels: int
     groups: int
     num_layers: int
+    _: dataclasses.KW_ONLY
     up: bool
     final: bool
     precision: Precision = Precision()
@@ -93,33 +95,36 @@ class VAEBlock(nn.Module):
     def __call__(self, x_bhwc: jax.Array) -> jax.Array:
         p = self.precision
         for j in range(self.num_layers):
-            x_bhwc = ResnetBlock2D(
-                self.channels, self.groups, _EPS, None, p.dtype, p.param_dtype, name=f"resnets_{j}"
-            )(x_bhwc)
+            x_bhwc = ResnetBlock2D(self.channels, self.groups, _EPS, precision=p, name=f"resnets_{j}")(x_bhwc)
         if self.final:
             return x_bhwc
         if self.up:
-            return Upsample2D(self.channels, None, p.dtype, p.param_dtype, name="upsamplers_0")(x_bhwc)
-        return Downsample2D(self.channels, True, None, p.dtype, p.param_dtype, name="downsamplers_0")(x_bhwc)
+            return Upsample2D(self.channels, precision=p, name="upsamplers_0")(x_bhwc)
+        return Downsample2D(self.channels, pad_right_only=True, precision=p, name="downsamplers_0")(x_bhwc)
 
 
 class Encoder(nn.Module):
     """Pixels ``[B, H, W, 3]`` in [-1, 1] -> moments ``[B, H/f, W/f, 2 * latent_channels]``."""
 
     config: VAEConfig
+    _: dataclasses.KW_ONLY
     precision: Precision = Precision()
 
     @nn.compact
     def __call__(self, x_bhwc: jax.Array) -> jax.Array:
         cfg, g, p = self.config, self.config.norm_num_groups, self.precision
-        conv = lambda f, name: Conv(f, dtype=p.dtype, param_dtype=p.param_dtype, name=name)
+        conv = lambda f, name: Conv(f, precision=p, name=name)
         x = conv(cfg.block_out_channels[0], "conv_in")(x_bhwc)
         n = len(cfg.block_out_channels)
         for i, ch in enumerate(cfg.block_out_channels):
-            x = VAEBlock(ch, g, cfg.layers_per_block, False, i == n - 1, p, name=f"down_blocks_{i}")(x)
+            x = VAEBlock(
+                ch, g, cfg.layers_per_block, up=False, final=i == n - 1, precision=p, name=f"down_blocks_{i}"
+            )(x)
         add_attn = cfg.mid_block_add_attention
-        x = VAEMidBlock(cfg.block_out_channels[-1], g, add_attn, p, name="mid_block")(x)
-        x = nn.silu(group_norm(g, _EPS, "conv_norm_out", p.dtype, p.param_dtype)(x))
+        x = VAEMidBlock(cfg.block_out_channels[-1], g, add_attention=add_attn, precision=p, name="mid_block")(
+            x
+        )
+        x = nn.silu(GroupNorm(g, _EPS, precision=p, name="conv_norm_out")(x))
         return conv(2 * cfg.latent_channels, "conv_out")(x)
 
 
@@ -127,18 +132,22 @@ class Decoder(nn.Module):
     """Latents ``[B, h, w, latent_channels]`` -> pixels ``[B, h f, w f, 3]`` in about [-1, 1]."""
 
     config: VAEConfig
+    _: dataclasses.KW_ONLY
     precision: Precision = Precision()
 
     @nn.compact
     def __call__(self, z_bhwc: jax.Array) -> jax.Array:
         cfg, g, p = self.config, self.config.norm_num_groups, self.precision
-        conv = lambda f, name: Conv(f, dtype=p.dtype, param_dtype=p.param_dtype, name=name)
+        conv = lambda f, name: Conv(f, precision=p, name=name)
         up = cfg.block_out_channels[::-1]
         x = conv(up[0], "conv_in")(z_bhwc)
-        x = VAEMidBlock(up[0], g, cfg.mid_block_add_attention, p, name="mid_block")(x)
+        x = VAEMidBlock(up[0], g, add_attention=cfg.mid_block_add_attention, precision=p, name="mid_block")(x)
         for i, ch in enumerate(up):
-            x = VAEBlock(ch, g, cfg.layers_per_block + 1, True, i == len(up) - 1, p, name=f"up_blocks_{i}")(x)
-        x = nn.silu(group_norm(g, _EPS, "conv_norm_out", p.dtype, p.param_dtype)(x))
+            final = i == len(up) - 1
+            x = VAEBlock(
+                ch, g, cfg.layers_per_block + 1, up=True, final=final, precision=p, name=f"up_blocks_{i}"
+            )(x)
+        x = nn.silu(GroupNorm(g, _EPS, precision=p, name="conv_norm_out")(x))
         return conv(cfg.out_channels, "conv_out")(x)
 
 
@@ -159,13 +168,13 @@ class AutoencoderKL(nn.Module, ModelRoot):
 
     def setup(self) -> None:
         cfg = self.config
-        p = Precision(jnp.float32 if cfg.force_upcast else self.dtype, self.param_dtype)
-        self.encoder = Encoder(cfg, p)
-        self.decoder = Decoder(cfg, p)
+        p = Precision(dtype=jnp.float32 if cfg.force_upcast else self.dtype, param_dtype=self.param_dtype)
+        self.encoder = Encoder(cfg, precision=p)
+        self.decoder = Decoder(cfg, precision=p)
         if cfg.use_quant_conv:
-            self.quant_conv = Conv(2 * cfg.latent_channels, 1, dtype=p.dtype, param_dtype=p.param_dtype)
+            self.quant_conv = Conv(2 * cfg.latent_channels, 1, precision=p)
         if cfg.use_post_quant_conv:
-            self.post_quant_conv = Conv(cfg.latent_channels, 1, dtype=p.dtype, param_dtype=p.param_dtype)
+            self.post_quant_conv = Conv(cfg.latent_channels, 1, precision=p)
 
     def encode(self, x_bhwc: jax.Array) -> tuple[jax.Array, jax.Array]:
         """``[B, H, W, 3]`` in [-1, 1] -> ``(mean, logvar)``, each ``[B, H/8, W/8, latent_channels]``,

@@ -43,6 +43,7 @@ import numpy as np
 from bokehdiff_jax.errors import InputError
 from bokehdiff_jax.models.attention import attend
 from bokehdiff_jax.models.layers import Conv, Dense
+from bokehdiff_jax.models.options import Precision
 from bokehdiff_jax.models.vae import _EPS, _NO_PISA, AutoencoderKL
 
 Params = Mapping[str, Any]
@@ -126,12 +127,13 @@ def _tile_op(
     x = jnp.where(inside[None, :, :, None], x, jnp.zeros((), x.dtype))
     kh, _, _, features = conv["kernel"].shape
     stride = 2 if kind == "down" else 1
-    layer = Conv(features, kh, stride, ((0, 0), (0, 0)), dtype=dtype, param_dtype=conv["kernel"].dtype)
+    precision = lambda w: Precision(dtype=dtype, param_dtype=w["kernel"].dtype)
+    layer = Conv(features, kh, stride, ((0, 0), (0, 0)), precision=precision(conv))
     y = layer.apply({"params": conv}, x)
     if resid_bhwc is not None:
         r = resid_bhwc
         if shortcut is not None:
-            sc = Conv(features, 1, dtype=dtype, param_dtype=shortcut["kernel"].dtype)
+            sc = Conv(features, 1, precision=precision(shortcut))
             r = sc.apply({"params": shortcut}, r)
         y = r.astype(y.dtype) + y  # the order of ResnetBlock2D's sum
     if groups is None:
@@ -150,7 +152,8 @@ def _qkv(
     mul_bc, shift_bc = norm
     y = (x_bhwc.astype(jnp.float32) * mul_bc[:, None, None] + shift_bc[:, None, None]).astype(dtype)
     y = y.reshape(b, h * w, c)
-    proj = lambda n: Dense(c, dtype=dtype).apply({"params": params[f"to_{n}"]}, y).reshape(b, h * w, 1, c)
+    dense = Dense(c, precision=Precision(dtype=dtype))
+    proj = lambda n: dense.apply({"params": params[f"to_{n}"]}, y).reshape(b, h * w, 1, c)
     return proj("q"), proj("k"), proj("v")
 
 
@@ -180,7 +183,7 @@ def _attention_chunk(
     b, _, _, c = q_bnhd.shape
     q = jax.lax.dynamic_slice_in_dim(q_bnhd, start, chunk, axis=1)
     o = attend(q, k_bnhd, v_bnhd, path=path, grid=grid, routing=_NO_PISA, context=None)
-    o = Dense(c, dtype=dtype).apply({"params": to_out}, o.reshape(b, chunk, c))
+    o = Dense(c, precision=Precision(dtype=dtype)).apply({"params": to_out}, o.reshape(b, chunk, c))
     x = jax.lax.dynamic_slice_in_dim(x_bnc, start, chunk, axis=1)
     y = o + x.astype(o.dtype)  # VAEAttention's residual, in its order
     mean_bg, m2_bg = _tile_stats(y[:, None], jnp.stack([jnp.ones_like(valid), valid]), groups)

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -25,53 +26,33 @@ def linear_to_srgb(x: jnp.ndarray, gamma: float | jnp.ndarray = DEFAULT_GAMMA) -
     return jnp.maximum(x, 0.0) ** (1.0 / gamma)
 
 
-def defocus_map(disparity: jnp.ndarray, focus: jnp.ndarray) -> jnp.ndarray:
-    """``D = |d - d_f|``. ``disparity``: ``[..., H, W]``; ``focus``: scalar or ``[...]`` (batch)."""
-    focus = jnp.asarray(focus, disparity.dtype)
-    return jnp.abs(disparity - focus[..., None, None])
+def _xp(*arrays):
+    """``jnp`` when any input is a JAX array (tracers included), else NumPy: host-side data code (loaders,
+    item decoding) stays in NumPy and never touches an accelerator."""
+    return jnp if any(isinstance(a, jax.Array) for a in arrays) else np
 
 
-def coc_radius(disparity: jnp.ndarray, focus: jnp.ndarray, strength: jnp.ndarray) -> jnp.ndarray:
-    """Circle-of-confusion radius in image pixels, ``K |d - d_f|`` (thin lens, paper Eq. 4).
+def defocus_map(disparity, focus, *, spatial_dims: int = 2):
+    """``D = |d - d_f|``. ``disparity``: ``[..., *spatial]`` with ``spatial_dims`` trailing spatial axes
+    (``[..., H, W]`` by default; 1 for token lists ``[B, N]`` or per-layer values ``[L]``); ``focus``:
+    scalar or ``[...]`` (batch). JAX arrays in -> JAX array out; NumPy/Python in -> NumPy out."""
+    xp = _xp(disparity, focus)
+    disparity = xp.asarray(disparity)
+    focus = xp.asarray(focus, disparity.dtype)
+    return xp.abs(disparity - focus.reshape(focus.shape + (1,) * spatial_dims))
 
-    ``disparity``: ``[..., H, W]``; ``focus``, ``strength``: scalars or ``[...]``.
+
+def coc_radius(disparity, focus, strength, *, spatial_dims: int = 2):
+    """Circle-of-confusion radius in image pixels, ``K |d - d_f|`` (thin lens, paper Eq. 4): the one
+    home of this formula.
+
+    ``disparity``: ``[..., *spatial]`` (see :func:`defocus_map` for ``spatial_dims``); ``focus``,
+    ``strength``: scalars or ``[...]``. Works on JAX (traced or not) and NumPy inputs alike.
     """
-    strength = jnp.asarray(strength, disparity.dtype)
-    return strength[..., None, None] * defocus_map(disparity, focus)
-
-
-def _window_median(disparity: np.ndarray, x0: int, y0: int, x1: int, y1: int) -> float:
-    from bokehdiff_jax.errors import InputError
-
-    h, w = disparity.shape
-    x0, x1 = max(0, x0), min(w, x1)
-    y0, y1 = max(0, y0), min(h, y1)
-    if x0 >= x1 or y0 >= y1:
-        raise InputError(f"focus region [{x0},{y0})-[{x1},{y1}) lies outside the {w}x{h} image")
-    window = np.asarray(disparity)[y0:y1, x0:x1]
-    window = window[np.isfinite(window)]
-    if window.size == 0:
-        raise InputError("focus region holds no finite disparity value")
-    return float(np.median(window))
-
-
-def focus_at(disparity: np.ndarray, x: int, y: int, window: int = 9) -> float:
-    """Tap-to-focus: the median disparity in a ``window x window`` box centred on pixel ``(x, y)``.
-
-    ``disparity``: ``[H, W]``; ``x`` is the column, ``y`` the row. Host-side (NumPy), not traced.
-    """
-    h, w = np.shape(disparity)
-    if not (0 <= x < w and 0 <= y < h):
-        from bokehdiff_jax.errors import InputError
-
-        raise InputError(f"focus point ({x}, {y}) is outside the {w}x{h} image")
-    half = window // 2
-    return _window_median(disparity, x - half, y - half, x + half + 1, y + half + 1)
-
-
-def focus_in_box(disparity: np.ndarray, x0: int, y0: int, x1: int, y1: int) -> float:
-    """The median disparity inside the box ``[x0, x1) x [y0, y1)`` (columns, rows). Host-side."""
-    return _window_median(disparity, x0, y0, x1, y1)
+    xp = _xp(disparity, focus, strength)
+    defocus = defocus_map(disparity, focus, spatial_dims=spatial_dims)
+    strength = xp.asarray(strength, defocus.dtype)
+    return strength.reshape(strength.shape + (1,) * spatial_dims) * defocus
 
 
 def _area_matrix(n_in: int, n_out: int) -> np.ndarray:

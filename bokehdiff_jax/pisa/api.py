@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from bokehdiff_jax.errors import InputError
 from bokehdiff_jax.pisa.blockwise import blockwise_attention
 from bokehdiff_jax.pisa.config import DEFAULT_CONFIG, PisaConfig
-from bokehdiff_jax.pisa.dense import dense_attention
-from bokehdiff_jax.pisa.geometry import Scene, Static, Tokens, prepare
+from bokehdiff_jax.pisa.dense import dense_attention, dense_weights
+from bokehdiff_jax.pisa.geometry import CallArrays, Static, Tokens, prepare
 
 
 def check_inputs(q, k, v, grid, disparity, focus, strength) -> None:
     """Raises ``InputError`` (one line: what was wrong, what was expected) on inconsistent shapes."""
-    from bokehdiff_jax.errors import InputError
-
     if q.ndim != 4 or k.shape != q.shape or v.shape != q.shape:
         raise InputError(
             f"PISA q, k, v shapes {q.shape}, {k.shape}, {v.shape}: expected three equal "
@@ -30,12 +29,12 @@ def check_inputs(q, k, v, grid, disparity, focus, strength) -> None:
             raise InputError(f"PISA {name} shape {jnp.shape(x)}: expected [batch={b}]")
 
 
-def run_impl(st: Static, scene: Scene, tq: Tokens, tk: Tokens, q, k, v, seq_axis: str | None = None):
+def run_impl(st: Static, arrays: CallArrays, tq: Tokens, tk: Tokens, q, k, v, seq_axis: str | None = None):
     """Dispatches to the configured implementation (queries ``tq`` against keys ``tk``)."""
     impl = st.config.impl
     if impl == "dense":
-        return dense_attention(st, scene, tq, tk, q, k, v, seq_axis)
-    return blockwise_attention(st, scene, tq, tk, q, k, v, seq_axis, sparse=impl == "sparse")
+        return dense_attention(st, arrays, tq, tk, q, k, v, seq_axis)
+    return blockwise_attention(st, arrays, tq, tk, q, k, v, seq_axis, sparse=impl == "sparse")
 
 
 def pisa_attention(
@@ -70,8 +69,10 @@ def pisa_attention(
     ``jax.nn.dot_product_attention(q, k, v)``.
     """
     check_inputs(q, k, v, grid, disparity, focus, strength)
-    st, scene, tokens = prepare(config, tuple(grid), q.shape[2], disparity, focus, strength, step, key, train)
-    return run_impl(st, scene, tokens, tokens, q, k, v)
+    st, arrays, tokens = prepare(
+        config, tuple(grid), q.shape[2], disparity, focus, strength, step, key, train
+    )
+    return run_impl(st, arrays, tokens, tokens, q, k, v)
 
 
 def pisa_weights(
@@ -87,10 +88,8 @@ def pisa_weights(
     """The dense inference weights ``W [batch, heads, N, N]`` (``o_i = sum_j W_ij v_j``) and the
     visibility ``Vis [batch, 1, N, N]`` (``None`` without occlusion), for inspection and plots.
     Materialises N x N: small grids only."""
-    from bokehdiff_jax.pisa.dense import dense_weights
-
     check_inputs(q, k, k, grid, disparity, focus, strength)
-    st, scene, tokens = prepare(
+    st, arrays, tokens = prepare(
         config, tuple(grid), q.shape[2], disparity, focus, strength, None, None, False
     )
-    return dense_weights(st, scene, tokens, tokens, q, k)
+    return dense_weights(st, arrays, tokens, tokens, q, k)

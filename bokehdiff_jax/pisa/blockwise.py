@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bokehdiff_jax.pisa.geometry import Scene, Static, Tokens, pad_tokens, pair_terms, slice_tokens
+from bokehdiff_jax.pisa.geometry import CallArrays, Static, Tokens, pad_tokens, pair_terms, slice_tokens
 
 
 class Pairs(NamedTuple):
@@ -57,7 +57,7 @@ def _block_boxes(st: Static, t: Tokens, n_blocks: int, size: int) -> tuple[jnp.n
     return lo, hi
 
 
-def sparse_pairs(st: Static, scene: Scene, tq: Tokens, tk: Tokens, bq: int, bk: int) -> Pairs:
+def sparse_pairs(st: Static, arrays: CallArrays, tq: Tokens, tk: Tokens, bq: int, bk: int) -> Pairs:
     """The (query block, key block) pairs the CoC can reach; the rest have ``C < sparse_tolerance``.
 
     A pair is kept if the distance between the blocks' bounding boxes is at most the key block's largest
@@ -75,7 +75,7 @@ def sparse_pairs(st: Static, scene: Scene, tq: Tokens, tk: Tokens, bq: int, bk: 
     dist = jnp.sqrt(jnp.sum(gap * gap, axis=-1))  # [n_qb, n_kb], a lower bound on every pair's distance
     k_valid = (tk.index >= 0)[None, :]
     r_max = jnp.max(jnp.where(k_valid, tk.radius, 0.0).reshape(-1, n_kb, bk), axis=(0, 2))  # [n_kb]
-    margin = 0.0 if st.hard_edge else math.log((1.0 - tol) / tol) / scene.beta
+    margin = 0.0 if st.hard_edge else math.log((1.0 - tol) / tol) / arrays.beta
     # The slack absorbs rounding between this bound and the per-pair distances: keeping a pair is safe.
     reach = r_max + margin + 1e-4 * (1.0 + r_max)
     active = dist <= reach[None, :]
@@ -102,11 +102,11 @@ def _finite(m: jnp.ndarray) -> jnp.ndarray:
     return jnp.where(jnp.isfinite(m), m, 0.0)
 
 
-def _scores(st, scene, tq, tk, q, k, qb, kb, bq, bk, with_post=True):
+def _scores(st, arrays, tq, tk, q, k, qb, kb, bq, bk, with_post=True):
     """Logits plus log-CoC/padding bias ``[B, H, bq, bk]`` and the post factor of one block pair."""
     q_blk, k_blk = _slice(q, qb, bq, 1), _slice(k, kb, bk, 1)
     bias, post = pair_terms(
-        st, scene, slice_tokens(tq, qb * bq, bq), slice_tokens(tk, kb * bk, bk), with_post
+        st, arrays, slice_tokens(tq, qb * bq, bq), slice_tokens(tk, kb * bk, bk), with_post
     )
     s = jnp.einsum("bqhd,bkhd->bhqk", q_blk, k_blk) * (q.shape[-1] ** -0.5) + bias
     return s, post, q_blk, k_blk
@@ -118,14 +118,14 @@ def _loop(pairs: Pairs, body, init):
 
 def _forward(st, bq, bk, seq_axis, aux, q, k, v):
     """Returns ``(o [B, Nq, H, D], stats)``; stats = (max, normaliser) per key (column) or per query."""
-    scene, tq, tk, pairs = aux
+    arrays, tq, tk, pairs = aux
     b, n_q, h, d = q.shape
     n_k = k.shape[1]
     if st.config.softmax_q:
 
         def stats_body(qb, kb, carry):
             m, z = carry
-            s, _, _, _ = _scores(st, scene, tq, tk, q, k, qb, kb, bq, bk, with_post=False)
+            s, _, _, _ = _scores(st, arrays, tq, tk, q, k, qb, kb, bq, bk, with_post=False)
             m_old, z_old = _slice(m, kb, bk, 2), _slice(z, kb, bk, 2)
             m_new = jnp.maximum(m_old, jnp.max(s, axis=2))
             ms = _finite(m_new)
@@ -141,7 +141,7 @@ def _forward(st, bq, bk, seq_axis, aux, q, k, v):
         m, z = _finite(m), jnp.where(z > 0, z, 1.0)
 
         def out_body(qb, kb, acc):
-            s, post, _, _ = _scores(st, scene, tq, tk, q, k, qb, kb, bq, bk)
+            s, post, _, _ = _scores(st, arrays, tq, tk, q, k, qb, kb, bq, bk)
             p = jnp.exp(s - _slice(m, kb, bk, 2)[:, :, None, :]) / _slice(z, kb, bk, 2)[:, :, None, :]
             w = p if post is None else p * post
             return _add(acc, qb, bq, 1, jnp.einsum("bhqk,bkhd->bqhd", w, _slice(v, kb, bk, 1)))
@@ -151,7 +151,7 @@ def _forward(st, bq, bk, seq_axis, aux, q, k, v):
 
     def row_body(qb, kb, carry):
         m, norm, acc = carry
-        s, post, _, _ = _scores(st, scene, tq, tk, q, k, qb, kb, bq, bk)
+        s, post, _, _ = _scores(st, arrays, tq, tk, q, k, qb, kb, bq, bk)
         m_old, l_old, acc_old = _slice(m, qb, bq, 2), _slice(norm, qb, bq, 2), _slice(acc, qb, bq, 1)
         m_new = jnp.maximum(m_old, jnp.max(s, axis=3))
         ms = _finite(m_new)
@@ -192,12 +192,12 @@ def _zero_cotangent(x):
 
 def _engine_bwd(st, bq, bk, seq_axis, res, do):
     aux, q, k, v, o, (m, z) = res
-    scene, tq, tk, pairs = aux
+    arrays, tq, tk, pairs = aux
     scale = q.shape[-1] ** -0.5
     col = st.config.softmax_q
 
     def weights(qb, kb):
-        s, post, q_blk, k_blk = _scores(st, scene, tq, tk, q, k, qb, kb, bq, bk)
+        s, post, q_blk, k_blk = _scores(st, arrays, tq, tk, q, k, qb, kb, bq, bk)
         if col:
             p = jnp.exp(s - _slice(m, kb, bk, 2)[:, :, None, :]) / _slice(z, kb, bk, 2)[:, :, None, :]
         else:
@@ -245,7 +245,7 @@ _engine.defvjp(_engine_fwd, _engine_bwd)
 
 def blockwise_attention(
     st: Static,
-    scene: Scene,
+    arrays: CallArrays,
     tq: Tokens,
     tk: Tokens,
     q: jnp.ndarray,
@@ -266,7 +266,7 @@ def blockwise_attention(
     pad = lambda x, n: jnp.pad(x.astype(jnp.float32), ((0, 0), (0, n - x.shape[1]), (0, 0), (0, 0)))
     qp, kp, vp = pad(q, nq_pad), pad(k, nk_pad), pad(v, nk_pad)
     tq, tk = pad_tokens(tq, nq_pad), pad_tokens(tk, nk_pad)
-    aux = jax.lax.stop_gradient((scene, tq, tk))
+    aux = jax.lax.stop_gradient((arrays, tq, tk))
     if sparse:
         pairs = sparse_pairs(st, *aux, bq, bk)
     else:

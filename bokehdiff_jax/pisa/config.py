@@ -5,6 +5,10 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import jax.numpy as jnp
+
+from bokehdiff_jax.errors import InputError
+
 IMPLS = ("dense", "blockwise", "sparse")
 UNITS = ("pixels", "released")
 
@@ -25,7 +29,8 @@ class PisaConfig:
       segments: ``T``, ray samples per pair.
       supersample: ``S``, jittered source positions per pair.
       hardness: ``beta`` at inference (``step=None``), per image pixel; ``math.inf`` makes the edge a hard
-        step ``C = [dist < r]``. With a ``step`` the training schedule ``beta = log(3 + step)`` is used.
+        step ``C = [dist <= r]`` (an in-focus key, ``r = 0``, still reaches its own query). With a
+        ``step`` the training schedule ``beta = log(3 + step)`` is used.
       dropout: dropout rate on the weights, in training only (the released code uses 0.1).
       train_occlusion_clamp: if set, the occlusion ``1 - Vis`` is clamped to at most this value in
         training (the released code's 0.99; off by default: it is a train/test mismatch).
@@ -61,8 +66,6 @@ class PisaConfig:
     sparse_tolerance: float = 1e-6
 
     def __post_init__(self) -> None:
-        from bokehdiff_jax.errors import InputError
-
         if self.impl not in IMPLS:
             raise InputError(f"PisaConfig.impl={self.impl!r}: expected one of {IMPLS}")
         if self.units not in UNITS:
@@ -88,16 +91,10 @@ class PisaConfig:
         """True when the inference edge is a hard step (``hardness = inf``)."""
         return math.isinf(self.hardness)
 
-    @property
-    def is_vanilla(self) -> bool:
-        return not (self.softmax_q or self.coc or self.occlusion)
-
 
 DEFAULT_CONFIG = PisaConfig()
 
 
 def training_hardness(step):
     """The released training schedule ``beta = log(3 + step)``: a pure function of the step (SPEC 2)."""
-    import jax.numpy as jnp
-
     return jnp.log(3.0 + jnp.asarray(step, jnp.float32))

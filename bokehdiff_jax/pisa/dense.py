@@ -9,12 +9,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from bokehdiff_jax.pisa.geometry import Scene, Static, Tokens, pair_terms
+from bokehdiff_jax.pisa.geometry import CallArrays, Static, Tokens, pair_terms
 
 
 def dense_weights(
     st: Static,
-    scene: Scene,
+    arrays: CallArrays,
     tq: Tokens,
     tk: Tokens,
     q: jnp.ndarray,
@@ -30,7 +30,7 @@ def dense_weights(
     cfg = st.config
     scale = q.shape[-1] ** -0.5
     a = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32)) * scale
-    bias, post = pair_terms(st, scene, tq, tk)
+    bias, post = pair_terms(st, arrays, tq, tk)
     logits = a + bias  # A_ij + log C_ij; -inf where C_ij = 0 or padding
     axis = -2 if cfg.softmax_q else -1  # softmaxQ normalises over queries (columns), vanilla over keys
     m = jax.lax.stop_gradient(jnp.max(logits, axis=axis, keepdims=True))  # stabiliser: cancels exactly
@@ -50,7 +50,7 @@ def dense_weights(
 
 def dense_attention(
     st: Static,
-    scene: Scene,
+    arrays: CallArrays,
     tq: Tokens,
     tk: Tokens,
     q: jnp.ndarray,
@@ -59,5 +59,5 @@ def dense_attention(
     seq_axis: str | None = None,
 ) -> jnp.ndarray:
     """``o_i = sum_j W_ij v_j``: ``[B, nq, heads, D]``; ``v``: ``[B, nk, heads, D]``."""
-    w, _ = dense_weights(st, scene, tq, tk, q, k, seq_axis)
+    w, _ = dense_weights(st, arrays, tq, tk, q, k, seq_axis)
     return jnp.einsum("bhqk,bkhd->bqhd", w, v.astype(jnp.float32)).astype(q.dtype)

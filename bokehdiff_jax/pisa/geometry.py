@@ -16,8 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bokehdiff_jax.errors import InputError
 from bokehdiff_jax.physics.occlusion import visibility
-from bokehdiff_jax.physics.optics import area_resize
+from bokehdiff_jax.physics.optics import area_resize, coc_radius
 from bokehdiff_jax.pisa.config import PisaConfig, training_hardness
 
 # The released code reads visibility from the disparity map at 3x the token grid.
@@ -39,7 +40,7 @@ class Tokens(NamedTuple):
     index: jnp.ndarray
 
 
-class Scene(NamedTuple):
+class CallArrays(NamedTuple):
     """Per-call arrays. fine: ``[B, 3h, 3w]`` disparity for ray look-ups. beta: ``[]`` hardness.
     seed: ``[]`` uint32 dropout seed. batch_index: ``[B]`` and head_index: ``[heads]`` int32 global indices
     (so dropout masks do not depend on how the batch or heads are sharded)."""
@@ -92,7 +93,7 @@ def prepare(
     step,
     key,
     train: bool,
-) -> tuple[Static, Scene, Tokens]:
+) -> tuple[Static, CallArrays, Tokens]:
     """Token geometry and per-call arrays. ``disparity``: ``[B, H, W]``; ``focus``, ``strength``: ``[B]``."""
     disparity = jax.lax.stop_gradient(jnp.asarray(disparity, jnp.float32))
     focus = jax.lax.stop_gradient(jnp.asarray(focus, jnp.float32))
@@ -101,20 +102,17 @@ def prepare(
     h, w = grid
     n = h * w
     d_tok = area_resize(disparity, (h, w)).reshape(b, n)
-    defocus = jnp.abs(d_tok - focus[:, None])
+    radius = coc_radius(d_tok, focus, strength, spatial_dims=1)  # [B, N], image pixels
     if config.units == "pixels":
         metric = (1.0, 1.0)
-        radius = strength[:, None] * defocus
     else:
         metric = (config.released_scale / big_w, config.released_scale / big_h)
-        radius = strength[:, None] * defocus * (config.released_upsample / 10.0)
+        radius = radius * (config.released_upsample / 10.0)
     fine = area_resize(disparity, (FINE_FACTOR * h, FINE_FACTOR * w))
 
     jitter_key = drop_key = None
     if train and (config.occlusion or config.dropout > 0):
         if key is None:
-            from bokehdiff_jax.errors import InputError
-
             raise InputError("pisa_attention(train=True) with occlusion or dropout needs a jax.random key")
         jitter_key, drop_key = jax.random.split(key)
     token_size = jnp.asarray([big_w / w, big_h / h], jnp.float32)
@@ -137,11 +135,11 @@ def prepare(
         beta = training_hardness(step)
         hard = False
     static = Static(config, (big_h, big_w), metric, hard, bool(train))
-    scene = Scene(fine, beta, seed, jnp.arange(b, dtype=jnp.int32), jnp.arange(heads, dtype=jnp.int32))
+    arrays = CallArrays(fine, beta, seed, jnp.arange(b, dtype=jnp.int32), jnp.arange(heads, dtype=jnp.int32))
     tokens = Tokens(
         token_centres(grid, (big_h, big_w)), d_tok, radius, offsets, jnp.arange(n, dtype=jnp.int32)
     )
-    return static, scene, tokens
+    return static, arrays, tokens
 
 
 def pad_tokens(t: Tokens, n_pad: int) -> Tokens:
@@ -179,12 +177,12 @@ def _mix32(x: jnp.ndarray) -> jnp.ndarray:
     return x ^ (x >> 16)
 
 
-def dropout_keep(scene: Scene, rate: float, iq: jnp.ndarray, ik: jnp.ndarray) -> jnp.ndarray:
+def dropout_keep(arrays: CallArrays, rate: float, iq: jnp.ndarray, ik: jnp.ndarray) -> jnp.ndarray:
     """``[B, heads, nq, nk]`` keep mask, a pure function of (seed, global batch, head, query, key)
     indices: any blocking or sharding of the same call draws the same mask."""
     u32 = lambda a: a.astype(jnp.uint32)
-    x = _mix32(scene.seed ^ _mix32(u32(scene.batch_index) + jnp.uint32(0x9E3779B9)))[:, None, None, None]
-    x = _mix32(x ^ u32(scene.head_index)[None, :, None, None] * jnp.uint32(0x27D4EB2F))
+    x = _mix32(arrays.seed ^ _mix32(u32(arrays.batch_index) + jnp.uint32(0x9E3779B9)))[:, None, None, None]
+    x = _mix32(x ^ u32(arrays.head_index)[None, :, None, None] * jnp.uint32(0x27D4EB2F))
     x = _mix32(x ^ u32(iq)[None, None, :, None] * jnp.uint32(0x165667B1))
     x = _mix32(x ^ u32(ik)[None, None, None, :])
     threshold = jnp.uint32(min(int(rate * 2.0**32), 2**32 - 1))
@@ -192,7 +190,7 @@ def dropout_keep(scene: Scene, rate: float, iq: jnp.ndarray, ik: jnp.ndarray) ->
 
 
 def pair_terms(
-    st: Static, scene: Scene, tq: Tokens, tk: Tokens, with_post: bool = True
+    st: Static, arrays: CallArrays, tq: Tokens, tk: Tokens, with_post: bool = True
 ) -> tuple[jnp.ndarray, jnp.ndarray | None]:
     """The physical factors of every (query, key) pair of two token runs.
 
@@ -209,9 +207,10 @@ def pair_terms(
         dist = jnp.sqrt(dx * dx + dy * dy)[None]  # [1, nq, nk]
         r = tk.radius[:, None, :]  # [B, 1, nk]
         if st.hard_edge:
-            log_c = jnp.where(dist < r, 0.0, -jnp.inf)
+            # SPEC 2: ||P_i - P_j|| <= r_j, so an in-focus key (r_j = 0) still reaches its own query.
+            log_c = jnp.where(dist <= r, 0.0, -jnp.inf)
         else:
-            log_c = jax.nn.log_sigmoid(scene.beta * (r - dist))
+            log_c = jax.nn.log_sigmoid(arrays.beta * (r - dist))
         bias = bias + log_c[:, None]
     post = None
     if not with_post:
@@ -220,10 +219,10 @@ def pair_terms(
         vis_fn = lambda fine, dk, off, dq: visibility(
             fine, st.image_size, tq.xy, tk.xy, dk, off, cfg.segments, dq if cfg.t_from_query else None
         )
-        post = jax.vmap(vis_fn)(scene.fine, tk.disp, tk.offsets, tq.disp)[:, None]
+        post = jax.vmap(vis_fn)(arrays.fine, tk.disp, tk.offsets, tq.disp)[:, None]
         if st.train and cfg.train_occlusion_clamp is not None:
             post = jnp.maximum(post, 1.0 - cfg.train_occlusion_clamp)
     if st.train and cfg.dropout > 0:
-        keep = dropout_keep(scene, cfg.dropout, tq.index, tk.index).astype(jnp.float32) / (1.0 - cfg.dropout)
+        keep = dropout_keep(arrays, cfg.dropout, tq.index, tk.index).astype(jnp.float32) / (1.0 - cfg.dropout)
         post = keep if post is None else post * keep
     return bias, post

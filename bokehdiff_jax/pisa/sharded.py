@@ -22,14 +22,27 @@ per key?
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh
+from jax.sharding import AbstractMesh, Mesh
 from jax.sharding import PartitionSpec as P
 
+from bokehdiff_jax.errors import InputError
 from bokehdiff_jax.pisa.api import check_inputs, run_impl
 from bokehdiff_jax.pisa.config import DEFAULT_CONFIG, PisaConfig
-from bokehdiff_jax.pisa.geometry import Scene, Tokens, prepare
+from bokehdiff_jax.pisa.geometry import CallArrays, Tokens, prepare
+
+Axis = str | tuple[str, ...] | None
+
+
+def _axis_size(mesh: Mesh | AbstractMesh, axis: str | tuple[str, ...], what: str) -> int:
+    names = axis if isinstance(axis, tuple) else (axis,)
+    for name in names:
+        if name not in mesh.shape:
+            raise InputError(f"PISA {what} mesh axis {name!r} not in the mesh axes {tuple(mesh.shape)}")
+    return math.prod(mesh.shape[n] for n in names)
 
 
 def pisa_attention_sharded(
@@ -41,10 +54,10 @@ def pisa_attention_sharded(
     disparity: jnp.ndarray,
     focus: jnp.ndarray,
     strength: jnp.ndarray,
-    mesh: Mesh,
-    batch_axis: str | None = None,
-    head_axis: str | None = None,
-    seq_axis: str | None = None,
+    mesh: Mesh | AbstractMesh,
+    batch_axis: Axis = None,
+    head_axis: Axis = None,
+    seq_axis: Axis = None,
     config: PisaConfig = DEFAULT_CONFIG,
     step=None,
     key=None,
@@ -52,13 +65,13 @@ def pisa_attention_sharded(
 ) -> jnp.ndarray:
     """``pisa_attention`` run with ``shard_map`` on ``mesh``; same arguments and result.
 
-    ``batch_axis``, ``head_axis``, ``seq_axis``: mesh axis names splitting the batch, the heads and the
-    query tokens (``None``: not split). The sizes must divide evenly (batch, heads, ``h * w``). Random
+    ``mesh``: a ``Mesh``, or inside ``jit`` under ``jax.set_mesh`` the ambient ``AbstractMesh``.
+    ``batch_axis``, ``head_axis``, ``seq_axis``: mesh axis names (or tuples of them) splitting the batch,
+    the heads and the query tokens (``None``: not split). The sizes must divide evenly (batch, heads,
+    ``h * w``). Random
     draws (jitter, dropout) are made for the whole problem before splitting, and dropout masks hash global
     indices, so the result equals the unsharded one.
     """
-    from bokehdiff_jax.errors import InputError
-
     check_inputs(q, k, v, grid, disparity, focus, strength)
     for axis, size, what in (
         (batch_axis, q.shape[0], "batch"),
@@ -66,30 +79,29 @@ def pisa_attention_sharded(
         (seq_axis, q.shape[1], "tokens"),
     ):
         if axis is not None:
-            if axis not in mesh.shape:
-                raise InputError(f"PISA {what} mesh axis {axis!r} not in the mesh axes {tuple(mesh.shape)}")
-            if size % mesh.shape[axis]:
-                raise InputError(
-                    f"PISA {what}={size} is not divisible by mesh axis {axis!r} of size {mesh.shape[axis]}"
-                )
-    st, scene, tokens = prepare(config, tuple(grid), q.shape[2], disparity, focus, strength, step, key, train)
+            n = _axis_size(mesh, axis, what)
+            if size % n:
+                raise InputError(f"PISA {what}={size} is not divisible by mesh axis {axis!r} of size {n}")
+    st, arrays, tokens = prepare(
+        config, tuple(grid), q.shape[2], disparity, focus, strength, step, key, train
+    )
     b_, h_, s_ = batch_axis, head_axis, seq_axis
-    scene_spec = Scene(fine=P(b_), beta=P(), seed=P(), batch_index=P(b_), head_index=P(h_))
+    arrays_spec = CallArrays(fine=P(b_), beta=P(), seed=P(), batch_index=P(b_), head_index=P(h_))
     q_tokens_spec = Tokens(xy=P(s_), disp=P(b_, s_), radius=P(b_, s_), offsets=P(b_, s_), index=P(s_))
     k_tokens_spec = Tokens(xy=P(), disp=P(b_), radius=P(b_), offsets=P(b_), index=P())
     qkv_spec = P(b_, s_, h_)
 
-    def local(scene, tq, tk, q, k, v):
+    def local(arrays, tq, tk, q, k, v):
         if s_ is not None:  # query-parallel: every device sees all keys
             k = jax.lax.all_gather(k, s_, axis=1, tiled=True)
             v = jax.lax.all_gather(v, s_, axis=1, tiled=True)
-        return run_impl(st, scene, tq, tk, q, k, v, seq_axis=s_)
+        return run_impl(st, arrays, tq, tk, q, k, v, seq_axis=s_)
 
     fn = jax.shard_map(
         local,
         mesh=mesh,
-        in_specs=(scene_spec, q_tokens_spec, k_tokens_spec, qkv_spec, qkv_spec, qkv_spec),
+        in_specs=(arrays_spec, q_tokens_spec, k_tokens_spec, qkv_spec, qkv_spec, qkv_spec),
         out_specs=qkv_spec,
         check_vma=False,
     )
-    return fn(scene, tokens, tokens, q, k, v)
+    return fn(arrays, tokens, tokens, q, k, v)

@@ -67,17 +67,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", type=int, default=24, metavar="N", help="depth layers of the renderer")
 
 
-def _ints(text: str, n: int, flag: str) -> list[int]:
-    parts = text.split(",")
-    try:
-        values = [int(round(float(p))) for p in parts]
-    except ValueError:
-        values = []
-    if len(values) != n:
-        raise InputError(f"{flag} expects {n} comma-separated numbers, got {text!r}")
-    return values
-
-
 def _check_args(args: argparse.Namespace) -> None:
     if args.focal_stack is None and args.focus is None and args.focus_at is None and args.focus_box is None:
         raise InputError(
@@ -129,6 +118,8 @@ def contact_sheet(images_nhwc, labels: list[str], *, thumb: int = 256):
     import numpy as np
     from PIL import Image, ImageDraw
 
+    from bokehdiff_jax.io.images import to_uint8
+
     n = len(images_nhwc)
     cols = math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
@@ -139,7 +130,7 @@ def contact_sheet(images_nhwc, labels: list[str], *, thumb: int = 256):
     sheet = Image.new("RGB", (cols * (tw + gap) + gap, rows * (th + label_h + gap) + gap), (24, 24, 24))
     draw = ImageDraw.Draw(sheet)
     for i, (img, label) in enumerate(zip(images_nhwc, labels, strict=True)):
-        tile = Image.fromarray(np.round(np.clip(img, 0, 1) * 255).astype(np.uint8))
+        tile = Image.fromarray(to_uint8(img))
         x = gap + (i % cols) * (tw + gap)
         y = gap + (i // cols) * (th + label_h + gap)
         sheet.paste(tile.resize((tw, th), Image.Resampling.BOX), (x, y))
@@ -152,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
 
     from bokehdiff_jax.io.atomic import atomic_path
     from bokehdiff_jax.io.images import read_disparity, read_image, write_image
-    from bokehdiff_jax.physics.optics import focus_at, focus_in_box
+    from bokehdiff_jax.physics.focus import capped_radius, needed_radius, parse_coords, resolve_focus
 
     _check_args(args)
     out = _output_path(args)  # validated before any work, so a bad --out costs nothing
@@ -166,27 +157,19 @@ def run(args: argparse.Namespace) -> int:
     for note in notes:
         print(note if note.startswith("warning:") else f"note: {note}", file=sys.stderr)
 
-    if args.focus is not None:
-        focus = float(args.focus)
-    elif args.focus_at is not None:
-        x, y = _ints(args.focus_at, 2, "--focus-at")
-        focus = focus_at(disparity, x, y)
-    elif args.focus_box is not None:
-        x0, y0, x1, y1 = _ints(args.focus_box, 4, "--focus-box")
-        focus = focus_in_box(disparity, x0, y0, x1, y1)
-    else:
-        focus = None
+    focus = None  # a focal stack chooses its own
+    if args.focal_stack is None:
+        at = None if args.focus_at is None else parse_coords(args.focus_at, 2, "--focus-at")
+        box = None if args.focus_box is None else parse_coords(args.focus_box, 4, "--focus-box")
+        focus = resolve_focus(disparity, value=args.focus, at=at, box=box)
 
-    # The static radius bound: just enough for this render, so small blurs stay cheap.
-    lo, hi = float(disparity.min()), float(disparity.max())
-    worst = (hi - lo) if focus is None else max(abs(hi - focus), abs(focus - lo))  # focus None: a stack
-    needed = math.ceil(args.strength * worst)
+    needed = needed_radius(disparity, focus, args.strength)
     if needed > args.max_radius:
         print(f"note: CoC radii up to {needed} px clipped to --max-radius {args.max_radius}", file=sys.stderr)
     from bokehdiff_jax.render.scatter import ScatterConfig
 
     config = ScatterConfig(
-        max_radius=max(1, min(needed, args.max_radius)),
+        max_radius=capped_radius(needed, args.max_radius),
         num_layers=args.layers,
         blades=float(args.aperture_blades),
         rotation=args.aperture_rotation,

@@ -40,7 +40,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from bokehdiff_jax.physics.optics import linear_to_srgb, srgb_to_linear
+from bokehdiff_jax.errors import InputError
+from bokehdiff_jax.physics.optics import coc_radius, linear_to_srgb, srgb_to_linear
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,9 +67,9 @@ class ScatterConfig:
     def __post_init__(self):
         # Only the static fields are checked: the traced ones may be tracers when JAX rebuilds the node.
         if not isinstance(self.max_radius, int) or self.max_radius < 1:
-            raise ValueError(f"max_radius must be an int >= 1, got {self.max_radius!r}")
+            raise InputError(f"max_radius must be an int >= 1, got {self.max_radius!r}")
         if not isinstance(self.num_layers, int) or self.num_layers < 3:
-            raise ValueError(f"num_layers must be an int >= 3, got {self.num_layers!r}")
+            raise InputError(f"num_layers must be an int >= 3, got {self.num_layers!r}")
 
 
 _TRACED = ("blades", "rotation", "highlight_boost", "highlight_threshold", "gamma")
@@ -155,7 +156,7 @@ def layer_levels(
     return levels, position
 
 
-def layer_disparity(
+def layer_mean_disparity(
     disparity_hw: jnp.ndarray, position_hw: jnp.ndarray, levels_l: jnp.ndarray
 ) -> jnp.ndarray:
     """Mean disparity of the pixels of each layer (``[L]``), or the layer's level where it is empty."""
@@ -191,11 +192,8 @@ def scatter_linear(
     pads = ((pad, hp - h - pad), (pad, wp - w - pad))
 
     levels, position = layer_levels(disparity_hw.astype(jnp.float32), focus, nl)
-    radii = jnp.clip(
-        strength * jnp.abs(layer_disparity(disparity_hw, position, levels) - focus),
-        0.0,
-        float(config.max_radius),
-    )
+    layer_d = layer_mean_disparity(disparity_hw, position, levels)
+    radii = jnp.clip(coc_radius(layer_d, focus, strength, spatial_dims=1), 0.0, float(config.max_radius))
 
     lin = jnp.moveaxis(linear_hwc.astype(jnp.float32), -1, 0)  # [3, H, W]; FFT axes last
     lin_p = jnp.pad(lin, ((0, 0),) + pads, mode="edge")
@@ -264,9 +262,9 @@ def _render_scatter_jit(image, disparity, focus, strength, config):
 
 def _check_shapes(image, disparity) -> None:
     if image.ndim < 3 or image.shape[-1] != 3:
-        raise ValueError(f"image must be [..., H, W, 3], got {image.shape}")
+        raise InputError(f"image must be [..., H, W, 3], got {image.shape}")
     if disparity.shape[-2:] != image.shape[-3:-1]:
-        raise ValueError(f"disparity {disparity.shape} does not match image {image.shape} (H, W)")
+        raise InputError(f"disparity {disparity.shape} does not match image {image.shape} (H, W)")
 
 
 def render_scatter(
@@ -278,7 +276,7 @@ def render_scatter(
     config: ScatterConfig = ScatterConfig(),
 ) -> jnp.ndarray:
     """Classical lens blur. ``image_hwc``: sRGB ``[..., H, W, 3]`` in [0, 1]; ``disparity_hw``:
-    ``[..., H, W]`` in [0, 1] (1 = near), finite (``data.io.read_disparity`` fills NaN/inf); ``focus``:
+    ``[..., H, W]`` in [0, 1] (1 = near), finite (``io.images.read_disparity`` fills NaN/inf); ``focus``:
     disparity in focus; ``strength``: ``K`` in pixels
     (CoC radius ``K |d - d_f|``, clipped to ``config.max_radius``). Leading batch dims are vmapped
     (memory grows with the batch); ``focus``/``strength`` may be scalars or per batch element.

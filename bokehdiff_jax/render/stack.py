@@ -7,6 +7,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from bokehdiff_jax.errors import InputError
 from bokehdiff_jax.physics.optics import linear_to_srgb
 from bokehdiff_jax.render.scatter import (
     ScatterConfig,
@@ -47,12 +48,12 @@ def focal_stack(
     """``n`` scatter renders of one image focused at ``n`` disparities evenly spread from the scene's
     farthest (min) to its nearest (max) disparity. Returns ``(focus_n, images_nhwc)`` (sRGB)."""
     if n < 1:
-        raise ValueError(f"focal stack needs n >= 1, got {n}")
+        raise InputError(f"focal stack needs n >= 1, got {n}")
     image_hwc = jnp.asarray(image_hwc, jnp.float32)
     disparity_hw = jnp.asarray(disparity_hw, jnp.float32)
     _check_shapes(image_hwc, disparity_hw)
     if image_hwc.ndim != 3:
-        raise ValueError(f"focal_stack takes one image [H, W, 3], got {image_hwc.shape}")
+        raise InputError(f"focal_stack takes one image [H, W, 3], got {image_hwc.shape}")
     return _focal_stack_jit(
         image_hwc, disparity_hw, jnp.asarray(strength, jnp.float32), _as_traced(config), n
     )

@@ -13,26 +13,18 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+import tiny_configs
 import torch
 
 from bokehdiff_jax import cli
 from bokehdiff_jax.convert import load_unet, load_vae, mapping, weights
 from bokehdiff_jax.io.safetensors_io import SafetensorsFile
-from bokehdiff_jax.models.configs import UNetConfig, VAEConfig
 
 RTOL = 1e-4  # max |flax - torch| <= RTOL * max |torch|, fp32
 
 
-def _cases() -> dict[str, tuple[dict, dict]]:
-    """name -> (diffusers U-Net config, diffusers VAE config): the shared tiny configs when present."""
-    try:
-        import tiny_configs  # tests/tiny_configs.py, shared with the model tests
-    except ImportError:
-        return {"tiny": (UNetConfig.tiny().to_diffusers(), VAEConfig.tiny().to_diffusers())}
-    return tiny_configs.convert_cases()
-
-
-CASES = _cases()
+# name -> (diffusers U-Net config, diffusers VAE config): tests/tiny_configs.py, shared with the model tests.
+CASES = tiny_configs.convert_cases()
 
 
 def run_cli(argv: list[str], monkeypatch) -> int:

@@ -142,3 +142,10 @@ def test_each_source_tensor_is_read_exactly_once_and_only_after_the_check():
     with pytest.raises(MappingError):
         diffusers_to_flax(bad, _abstract())
     assert bad.reads == {}  # a mismatch is found from names and shapes before any data is read
+
+
+def test_integer_source_tensors_are_refused_not_cast():
+    t = _torch_tensors(np.random.default_rng(0))
+    t["norm.bias"] = np.arange(8, dtype=np.int32)
+    with pytest.raises(InputError, match=r"norm\.bias.*int32.*floating point"):
+        diffusers_to_flax(t, _abstract())

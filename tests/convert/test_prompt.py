@@ -9,6 +9,7 @@ import sys
 import diffusers
 import numpy as np
 import pytest
+import tiny_configs
 import torch
 import transformers
 
@@ -16,7 +17,7 @@ from bokehdiff_jax import cli
 from bokehdiff_jax.convert import load_prompt_embeds, load_unet, weights
 from bokehdiff_jax.convert.prompt import FIXED_PROMPT, encode_prompt
 from bokehdiff_jax.errors import InputError
-from bokehdiff_jax.models.configs import UNetConfig, VAEConfig
+from bokehdiff_jax.models.configs import UNetConfig
 
 
 def _tokenizer(tmp_path, max_length: int):
@@ -54,11 +55,11 @@ def pipeline(tmp_path_factory):
     """A saved tiny SDXL pipeline: CLIP widths 8 + 16 = the U-Net's cross_attention_dim 24."""
     root = tmp_path_factory.mktemp("pipe")
     tok = _tokenizer(root, max_length=12)
-    unet_cfg = UNetConfig.tiny()
+    unet_cfg = UNetConfig.from_diffusers(tiny_configs.UNETS["sdxl"])
     assert unet_cfg.cross_attention_dim == 24 and unet_cfg.text_embeds_dim == 16
     torch.manual_seed(0)
     pipe = diffusers.StableDiffusionXLPipeline(
-        vae=diffusers.AutoencoderKL(**VAEConfig.tiny().to_diffusers()),
+        vae=diffusers.AutoencoderKL(**tiny_configs.VAES["sdxl"]),
         text_encoder=transformers.CLIPTextModel(_clip_config(8, 8, len(tok), 12)).eval(),
         text_encoder_2=transformers.CLIPTextModelWithProjection(_clip_config(16, 16, len(tok), 12)).eval(),
         tokenizer=tok,
@@ -90,3 +91,79 @@ def test_missing_torch_is_a_clear_error(pipeline, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)  # what `import torch` sees without the extra
     with pytest.raises(InputError, match="torch extra"):
         encode_prompt(pipeline[1])
+
+
+def test_fp16_variant_text_encoders_are_read(pipeline, tmp_path, monkeypatch, capsys):
+    """A pipeline saved only as ``*.fp16.safetensors`` (text encoders included) converts, with and
+    without ``--variant fp16``, to the same prompt embeddings."""
+    pipe, folder = pipeline
+    pipe.save_pretrained(tmp_path / "v", variant="fp16")
+    assert (tmp_path / "v" / "text_encoder" / "model.fp16.safetensors").is_file()
+    assert not (tmp_path / "v" / "text_encoder" / "model.safetensors").exists()
+    monkeypatch.setattr(cli, "COMMANDS", {"convert": cli.COMMANDS["convert"]})
+    ref = encode_prompt(folder)
+    assert cli.main(["convert", "from-diffusers", str(tmp_path / "v"), str(tmp_path / "ck")]) == 0
+    np.testing.assert_array_equal(load_prompt_embeds(tmp_path / "ck")["prompt_embeds"], ref["prompt_embeds"])
+    got = encode_prompt(tmp_path / "v", variant="fp16")  # what --variant fp16 passes down
+    np.testing.assert_array_equal(got["text_embeds"], ref["text_embeds"])
+
+
+def test_refiner_pipeline_notes_the_skipped_prompt_and_takes_five_time_ids(tmp_path, monkeypatch, capsys):
+    """An SDXL-refiner-style pipeline: no text_encoder (so no prompt embeddings: a note says so) and a
+    U-Net whose time ids are original size, crop and aesthetic score (5), against diffusers' U-Net."""
+    import jax
+    import jax.numpy as jnp
+
+    tok = _tokenizer(tmp_path, max_length=12)
+    cfg = {  # the smallest text_time U-Net: only its added conditioning matters here
+        "block_out_channels": [8, 16],
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+        "layers_per_block": 1,
+        "attention_head_dim": [1, 2],
+        "cross_attention_dim": 16,
+        "norm_num_groups": 4,
+        "use_linear_projection": True,
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": 8,
+        "projection_class_embeddings_input_dim": 5 * 8 + 16,
+        "sample_size": 8,
+    }
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(**cfg).eval()
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    diffusers.StableDiffusionXLImg2ImgPipeline(
+        vae=diffusers.AutoencoderKL(**tiny_configs.VAES["sdxl"]),
+        text_encoder=None,
+        text_encoder_2=transformers.CLIPTextModelWithProjection(_clip_config(16, 16, len(tok), 12)).eval(),
+        tokenizer=None,
+        tokenizer_2=tok,
+        unet=unet,
+        scheduler=diffusers.EulerDiscreteScheduler(),
+        requires_aesthetics_score=True,
+    ).save_pretrained(tmp_path / "refiner")
+    monkeypatch.setattr(cli, "COMMANDS", {"convert": cli.COMMANDS["convert"]})
+    capsys.readouterr()
+    assert cli.main(["convert", "from-diffusers", str(tmp_path / "refiner"), str(tmp_path / "ck")]) == 0
+    err = capsys.readouterr().err
+    assert "5 time ids" in err and "prompt embeddings not stored" in err and "text_encoder" in err
+    manifest = json.loads((tmp_path / "ck" / weights.MANIFEST).read_text())
+    assert manifest["num_time_ids"] == 5 and manifest["prompt_embeds"] is False
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 8, 8, 4)).astype(np.float32)
+    ctx = rng.standard_normal((1, 5, 16)).astype(np.float32)
+    text = rng.standard_normal((1, 16)).astype(np.float32)
+    ids = np.array([[64.0, 64.0, 0.0, 0.0, 6.0]], np.float32)  # size, crop, aesthetic score
+    added = {"text_embeds": torch.from_numpy(text), "time_ids": torch.from_numpy(ids)}
+    with torch.no_grad():
+        ref = unet(
+            torch.from_numpy(x.transpose(0, 3, 1, 2)), 499, torch.from_numpy(ctx), added_cond_kwargs=added
+        )
+    ref = ref.sample.permute(0, 2, 3, 1).numpy()
+    module, params = load_unet(tmp_path / "ck")
+    assert module.config.num_time_ids == 5 and module.config.text_embeds_dim == 16
+    out = np.asarray(jax.jit(module.apply)(params, jnp.asarray(x), jnp.asarray([499.0]), ctx, text, ids))
+    assert np.abs(out - ref).max() <= 1e-4 * np.abs(ref).max()
+    assert weights.time_ids_of(tmp_path / "refiner" / "unet") == 5  # the pipeline folder says so too

@@ -11,14 +11,9 @@ from PIL import Image
 
 from bokehdiff_jax.data.procedural import procedural_foreground
 from bokehdiff_jax.data.synthesis import SynthConfig
+from bokehdiff_jax.io.images import to_uint8
 
-TINY = SynthConfig(
-    size=32, base_strength=4.0, log2_times=(0.0, 0.0), rays_per_times=8.0, min_bg_side=16, min_fg_side=4
-)
-
-
-def _u8(x: np.ndarray) -> np.ndarray:
-    return (np.clip(x, 0, 1) * 255 + 0.5).astype(np.uint8)
+TINY = SynthConfig(size=32, base_strength=4.0, log2_times=(0.0, 0.0), min_bg_side=16, min_fg_side=4)
 
 
 def write_inputs(root: pathlib.Path, n_fg: int = 2, n_bg: int = 2) -> tuple[pathlib.Path, pathlib.Path]:
@@ -27,11 +22,11 @@ def write_inputs(root: pathlib.Path, n_fg: int = 2, n_bg: int = 2) -> tuple[path
     fg.mkdir(parents=True, exist_ok=True)
     bg.mkdir(parents=True, exist_ok=True)
     for i in range(n_fg):
-        Image.fromarray(_u8(procedural_foreground(40, i)), "RGBA").save(fg / f"fg{i}.png")
+        Image.fromarray(to_uint8(procedural_foreground(40, i)), "RGBA").save(fg / f"fg{i}.png")
     rng = np.random.default_rng(0)
     for i in range(n_bg):
         base = rng.random((6, 9, 3))
-        img = np.asarray(Image.fromarray(_u8(base)).resize((112, 80), Image.Resampling.BICUBIC))
+        img = np.asarray(Image.fromarray(to_uint8(base)).resize((112, 80), Image.Resampling.BICUBIC))
         Image.fromarray(img).save(bg / f"bg{i}.png")
     return fg, bg
 

@@ -87,3 +87,91 @@ def test_synth_error_exits(main, input_dirs, tmp_path, capsys):
     assert main(_args(fg, bg, tmp_path / "o4", 1, "--rays-max", "0")) == 2
     assert "rays_min <= rays_max" in capsys.readouterr().err and not (tmp_path / "o4").exists()
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o3" / "items").exists()
+
+
+# ------------------------------------------------------------------------------- issue 11
+def test_resume_redoes_incomplete_items_and_agrees_with_list_items(main, input_dirs, tmp_path, capsys):
+    from bokehdiff_jax.data.items import ITEM_FILES, item_complete
+
+    fg, bg = input_dirs
+    out = tmp_path / "out"
+    assert main(_args(fg, bg, out, 3)) == 0
+    (out / "items" / "000001" / "bokeh.png").unlink()  # a file lost
+    for f in ITEM_FILES:  # an empty item folder
+        (out / "items" / "000002" / f).unlink()
+    assert [p.name for p in list_items(out)] == ["000000"]
+    assert not item_complete(out / "items" / "000001")
+    capsys.readouterr()
+    assert main(_args(fg, bg, out, 3)) == 0
+    assert "resuming: 1 of 3" in capsys.readouterr().out
+    assert [p.name for p in list_items(out)] == ["000000", "000001", "000002"]
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '"text"', '{"config": 3}'])
+def test_an_invalid_synth_json_is_one_error_line(main, input_dirs, tmp_path, capsys, content):
+    fg, bg = input_dirs
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "synth.json").write_text(content)
+    capsys.readouterr()
+    assert main(_args(fg, bg, out, 1)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "synth.json" in err, err
+    assert sorted(p.name for p in out.iterdir()) == ["synth.json"]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--log2-times", "40", "40"],
+        ["--log2-times", "2", "1"],
+        ["--seed", "-1"],
+        ["--size", "100000"],
+        ["--fg-count", "0", "2"],
+        ["-n", "0"],
+        ["--workers", "-1"],
+    ],
+)
+def test_out_of_range_options_fail_before_anything_is_written(main, input_dirs, tmp_path, capsys, extra):
+    fg, bg = input_dirs
+    capsys.readouterr()
+    assert main(_args(fg, bg, tmp_path / "out", 1) + extra) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_synth_never_writes_into_a_users_folder_or_its_inputs(main, input_dirs, tmp_path, capsys):
+    fg, bg = input_dirs
+    users = tmp_path / "users"
+    users.mkdir()
+    (users / "report.txt").write_text("my report")
+    before = {p: p.read_bytes() for p in [*fg.iterdir(), *bg.iterdir()]}
+    for out in (users, fg, fg.parent):
+        capsys.readouterr()
+        assert main(_args(fg, bg, out, 1)) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert (users / "report.txt").read_text() == "my report" and sorted(users.iterdir()) == [users / "report.txt"]
+    assert {p: p.read_bytes() for p in [*fg.iterdir(), *bg.iterdir()]} == before
+    (tmp_path / "empty").mkdir()
+    assert main(_args(fg, bg, tmp_path / "empty", 1)) == 0  # an empty folder is fine
+
+
+def test_stale_item_temporaries_are_removed_and_reported(main, input_dirs, tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from bokehdiff_jax.io import atomic
+
+    fg, bg = input_dirs
+    out = tmp_path / "out"
+    assert main(_args(fg, bg, out, 1)) == 0
+    pid = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True).stdout)
+    stale = out / "items" / f".000001.bdj{pid}-{atomic._HOST}.abcd1234.tmp"
+    stale.mkdir()
+    (stale / "aif.png").write_bytes(b"half")
+    capsys.readouterr()
+    assert main(_args(fg, bg, out, 2)) == 0
+    assert "interrupted" in capsys.readouterr().err and not stale.exists()
+    assert [p.name for p in (out / "items").iterdir()] == ["000000", "000001"]

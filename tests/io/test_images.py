@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bokehdiff_jax.io import images as io
 from bokehdiff_jax.errors import InputError
+from bokehdiff_jax.io import images as io
 
 
 def rgb_u8(h=6, w=5, seed=0):
@@ -132,9 +132,27 @@ def test_write_image_png_jpeg_atomic(tmp_path):
     assert Image.open(tmp_path / "g.png").mode == "L"
     with pytest.raises(InputError, match="extension"):
         io.write_image(tmp_path / "o.bmp", a)
-    with pytest.raises(ValueError, match="NaN"):
+    with pytest.raises(InputError, match="NaN"):
         io.write_image(tmp_path / "nan.png", np.full((2, 2, 3), np.nan))
+    with pytest.raises(InputError, match=r"\[H, W, 3\]"):
+        io.write_image(tmp_path / "c2.png", np.zeros((2, 2, 2)))
+    with pytest.raises(InputError, match="finite"):
+        io.write_disparity(tmp_path / "d.npy", np.zeros((2, 2, 2)))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["g.png", "o.jpg", "o.png"]  # no temporaries
+
+
+def test_to_uint8_and_uint16_round_half_up():
+    # k / 255 lands on k exactly; (k + 0.5) / 255 rounds up (not half to even); out of range clips.
+    k = np.arange(256)
+    np.testing.assert_array_equal(io.to_uint8(k / 255.0), k)
+    np.testing.assert_array_equal(io.to_uint8((k[:-1] + 0.5) / 255.0), k[1:])
+    np.testing.assert_array_equal(io.to_uint8(np.array([-3.0, 0.0019, 0.0021, 7.0])), [0, 0, 1, 255])
+    u8 = np.array([[1, 2]], np.uint8)
+    assert io.to_uint8(u8) is u8  # already 8-bit: passed through
+    np.testing.assert_array_equal(io.to_uint16(np.array([0.0, 0.5, 1.0, 2.0])), [0, 32768, 65535, 65535])
+    for fn in (io.to_uint8, io.to_uint16):
+        with pytest.raises(InputError, match="inf"):
+            fn(np.array([0.5, np.inf]))
 
 
 # --------------------------------------------------------------------------------------------- disparity

@@ -152,3 +152,86 @@ def test_header_length_starting_with_pickle_byte_is_still_safetensors(tmp_path):
     assert (tmp_path / "p.safetensors").read_bytes()[:2] == b"\x80\x04"
     with SafetensorsFile(tmp_path / "p.safetensors") as f:
         np.testing.assert_array_equal(f["x"], [1.5, -2.0])
+
+
+def _entry(dtype, shape, begin, end):
+    return {"dtype": dtype, "shape": shape, "data_offsets": [begin, end]}
+
+
+_A = _entry("F32", [2], 0, 8)
+# name -> (raw header bytes, data bytes): headers the safetensors format forbids (issue 11).
+_FORBIDDEN = {
+    "overlapping offsets": ({"a": _A, "b": _entry("F32", [2], 4, 12)}, 12),
+    "shared bytes": ({"a": _A, "b": _A}, 8),
+    "gap in the data": ({"a": _entry("F32", [1], 0, 4), "b": _entry("F32", [1], 8, 12)}, 12),
+    "data not covered": ({"a": _A}, 12),
+    "first tensor not at 0": ({"a": _entry("F32", [1], 4, 8)}, 8),
+    "data and no tensors": ({}, 8),
+    "non-string metadata value": ({"__metadata__": {"x": 1}, "a": _A}, 8),
+    "metadata not an object": ({"__metadata__": ["x"], "a": _A}, 8),
+    "float in shape": ({"a": _entry("F32", [2.0], 0, 8)}, 8),
+    "string in shape": ({"a": _entry("F32", ["2"], 0, 8)}, 8),
+    "bool in shape": ({"a": _entry("F32", [True, 2], 0, 8)}, 8),
+    "float offset": ({"a": _entry("F32", [2], 0, 8.0)}, 8),
+    "three offsets": ({"a": {**_A, "data_offsets": [0, 8, 8]}}, 8),
+    "shape overflowing int64": ({"a": _entry("F32", [2**62, 4], 0, 0)}, 0),
+    "lower-case dtype": ({"a": _entry("f32", [2], 0, 8)}, 8),
+    "trailing bytes in the header": (json.dumps({"a": _A}).encode() + b"\0\0", 8),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_FORBIDDEN))
+def test_headers_the_reference_loader_rejects_are_rejected(tmp_path, case):
+    header, n_data = _FORBIDDEN[case]
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    p = tmp_path / "bad.safetensors"
+    _write_raw(p, len(raw), raw, b"\0" * n_data)
+    with pytest.raises(Exception):  # noqa: B017 - the official loader is the judge of the format
+        safetensors.numpy.load_file(p)
+    with pytest.raises(InputError, match=r"bad\.safetensors"):
+        SafetensorsFile(p)
+
+
+def test_duplicate_names_are_refused(tmp_path):
+    # The reference silently keeps one of two same-named entries; which tensor a name means must not
+    # depend on the JSON parser, so a repeated name is an error.
+    raw = b'{"a":' + json.dumps(_A).encode() + b',"a":' + json.dumps(_A).encode() + b"}"
+    _write_raw(tmp_path / "dup.safetensors", len(raw), raw, b"\0" * 8)
+    with pytest.raises(InputError, match="more than once"):
+        SafetensorsFile(tmp_path / "dup.safetensors")
+
+
+def test_headers_the_reference_accepts_are_accepted(tmp_path):
+    for i, (header, n_data) in enumerate(
+        [
+            ({"__metadata__": None, "a": _A}, 8),
+            ({"z": _entry("F32", [0], 0, 0), "a": _A}, 8),  # empty tensors may share an offset
+            ({"a": {**_A, "extra": 1}}, 8),
+            ({}, 0),
+        ]
+    ):
+        raw = json.dumps(header).encode()
+        p = tmp_path / f"ok{i}.safetensors"
+        _write_raw(p, len(raw), raw, b"\0" * n_data)
+        ref = safetensors.numpy.load_file(p)
+        with SafetensorsFile(p) as f:
+            assert set(f) == set(ref)
+
+
+def test_integer_tensors_are_refused_where_float_parameters_are_expected(tmp_path):
+    from bokehdiff_jax.io.safetensors_io import require_float
+
+    save_dict(tmp_path / "w.safetensors", {"a.bias": np.zeros(2, np.int32), "b.bias": np.zeros(2, np.float16)})
+    with SafetensorsFile(tmp_path / "w.safetensors") as f:
+        with pytest.raises(InputError, match=r"a\.bias.*I32"):
+            require_float(f.infos, "w")
+
+
+def test_shard_index_naming_a_file_outside_its_folder_is_refused(tmp_path):
+    (tmp_path / "sub").mkdir()
+    save_dict(tmp_path / "outside.safetensors", {"a": np.zeros(2, np.float32)})
+    index = tmp_path / "sub" / "diffusion_pytorch_model.safetensors.index.json"
+    for target in ("../outside.safetensors", str(tmp_path / "outside.safetensors"), 3):
+        index.write_text(json.dumps({"weight_map": {"a": target}}))
+        with pytest.raises(InputError, match="not plain file names"):
+            ShardedSafetensors(index)

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import tiny_configs
 
 from bokehdiff_jax.errors import InputError
 from bokehdiff_jax.models.configs import SDXL_CONFIG_DIR, UNetConfig, VAEConfig
@@ -15,10 +16,11 @@ SHARED = Path(__file__).resolve().parents[3] / "shared"
 
 def test_shipped_configs_are_the_public_sdxl_ones():
     shared = SHARED / "sdxl"
+    # No silent skip: without the reference copy this test would check nothing.
+    assert shared.is_dir(), f"{shared} (the project's reference copy of the SDXL configs) is missing"
     for name in ("unet_config.json", "vae_config.json", "scheduler_config.json"):
         ours = json.loads((SDXL_CONFIG_DIR / name).read_text())
-        if shared.is_dir():  # the project's reference copy, when the checkout has it
-            assert ours == json.loads((shared / name).read_text())
+        assert ours == json.loads((shared / name).read_text())
         assert ours["_class_name"]
 
 
@@ -84,7 +86,8 @@ def test_vae_config_rejects_what_it_cannot_build(tmp_path):
 
 
 def test_bad_shapes_are_input_errors():
+    tiny = UNetConfig.from_diffusers(tiny_configs.UNETS["sdxl"])
     with pytest.raises(InputError, match="divide"):
-        dataclasses.replace(UNetConfig.tiny(), num_attention_heads=(3, 2, 4))
+        dataclasses.replace(tiny, num_attention_heads=(3, 2, 4))
     with pytest.raises(InputError, match="one per block"):
-        dataclasses.replace(UNetConfig.tiny(), transformer_layers_per_block=(1, 1))
+        dataclasses.replace(tiny, transformer_layers_per_block=(1, 1))

@@ -1,11 +1,12 @@
-"""Small numerics of ``models.layers`` against their references."""
+"""Small numerics of ``models.layers`` and ``models.attention`` against their references."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
 
-from bokehdiff_jax.models.layers import GroupNorm, dot_product_attention
+from bokehdiff_jax.models.attention import dot_product_attention
+from bokehdiff_jax.models.layers import GroupNorm
 
 
 def test_dot_product_attention_matches_jax_values_and_gradients():

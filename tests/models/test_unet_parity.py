@@ -1,7 +1,5 @@
 """Flax U-Net vs diffusers' PyTorch UNet2DConditionModel on the shared tiny configs, every weight mapped."""
 
-import dataclasses
-
 import diffusers
 import jax
 import jax.numpy as jnp
@@ -11,9 +9,11 @@ import tiny_configs
 import torch
 from parity_utils import assert_close, flax_params, nchw, nhwc, perturbed
 
+from bokehdiff_jax.convert.lora import flax_lora_to_peft, peft_to_flax_lora
+from bokehdiff_jax.errors import InputError
 from bokehdiff_jax.models import unet_blocks
 from bokehdiff_jax.models.configs import UNetConfig
-from bokehdiff_jax.models.layers import SPEC_LORA_TARGETS, LoRAConfig
+from bokehdiff_jax.models.options import SPEC_LORA_TARGETS, LoRAConfig
 from bokehdiff_jax.models.unet import UNet2DConditionModel
 
 SIZE = (10, 14)  # not multiples of the downsampling factor: exercises upsampling to the skip's size
@@ -72,26 +72,6 @@ def test_parity_sdxl_shaped(sdxl):
     assert_close(out, _torch_forward(model, inputs))
 
 
-def _peft_to_flax(lora_abstract, state_dict):
-    """peft's lora_A/lora_B weights -> our ``lora`` collection (strict both ways)."""
-    from bokehdiff_jax.models.naming import flax_module_to_torch
-
-    sd = {k.replace(".default", ""): v.numpy() for k, v in state_dict.items() if ".lora_" in k}
-    out = {}
-    for path, x in jax.tree_util.tree_flatten_with_path(lora_abstract)[0]:
-        names = tuple(k.key for k in path)
-        w = sd.pop(f"{flax_module_to_torch(names[:-1])}.lora_{names[-1]}.weight")
-        if names[-1] == "A":  # torch [r, in] or [r, in, kh, kw]
-            w = w.transpose(2, 3, 1, 0) if w.ndim == 4 else w.T
-        else:  # torch [out, r] or [out, r, 1, 1]
-            w = w.reshape(w.shape[:2]).T
-        assert w.shape == x.shape
-        out[names] = w
-    assert not sd, f"peft weights with no Flax LoRA param: {sorted(sd)[:5]}"
-    leaves = [out[tuple(k.key for k in p)] for p, _ in jax.tree_util.tree_flatten_with_path(lora_abstract)[0]]
-    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(lora_abstract), leaves)
-
-
 def test_lora_matches_peft(sdxl):
     import peft
 
@@ -109,7 +89,18 @@ def test_lora_matches_peft(sdxl):
                 p.normal_(0, 0.05)
     module = UNet2DConditionModel(cfg, lora=LoRAConfig(rank=4, alpha=8))
     inputs = _inputs(cfg)
-    lora = _peft_to_flax(jax.eval_shape(module.init, jax.random.key(0), *inputs)["lora"], model.state_dict())
+    abstract = jax.eval_shape(module.init, jax.random.key(0), *inputs)["lora"]
+    peft_sd = {k: v.numpy() for k, v in peft.utils.get_peft_model_state_dict(model).items()}
+    lora = peft_to_flax_lora(peft_sd, abstract, prefix="")
+    # The live model's state_dict spells the adapter name; the same tree comes out of it.
+    live = {k: v.numpy() for k, v in model.state_dict().items() if ".lora_" in k}
+    assert all(".default." in k for k in live)
+    jax.tree.map(np.testing.assert_array_equal, peft_to_flax_lora(live, abstract), lora)
+    # And back: exactly peft's tensors, key for key (what a diffusers pipeline would load).
+    back = flax_lora_to_peft(lora, prefix="")
+    assert back.keys() == peft_sd.keys()
+    for k, v in peft_sd.items():
+        np.testing.assert_array_equal(back[k], v)
     got = module.apply({"params": params, "lora": lora}, *inputs)
     assert_close(got, _torch_forward(model, inputs))
     base = module.apply({"params": params}, *inputs)  # no "lora" collection: the base model
@@ -179,11 +170,11 @@ def test_remat_changes_memory_not_values():
 def test_missing_text_time_inputs_is_a_clear_error(sdxl):
     cfg, _, module, params = sdxl
     x, t, ctx, *_ = _inputs(cfg)
-    with pytest.raises(ValueError, match="text_embeds"):
+    with pytest.raises(InputError, match="text_embeds"):
         module.apply({"params": params}, x, t, ctx)
 
 
 def test_num_attention_heads_key_means_heads():
     d = {**tiny_configs.UNETS["sdxl"], "num_attention_heads": [2, 4, 8]}
     assert UNetConfig.from_diffusers(d).num_attention_heads == (2, 4, 8)
-    assert dataclasses.replace(UNetConfig.tiny()).num_attention_heads == (1, 2, 4)
+    assert UNetConfig.from_diffusers(tiny_configs.UNETS["sdxl"]).num_attention_heads == (1, 2, 4)

@@ -19,8 +19,8 @@ SQUARE = (15, 33)  # pixel rows/columns [15, 33) = tokens 5..10 exactly
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def _vis_jit(disparity, segments, supersample):
     cfg = PisaConfig(softmax_q=False, coc=False, occlusion=True, segments=segments, supersample=supersample)
-    st, scene, tokens = prepare(cfg, GRID, 1, disparity[None], jnp.zeros(1), jnp.ones(1), None, None, False)
-    _, post = pair_terms(st, scene, tokens, tokens)
+    st, arrays, tokens = prepare(cfg, GRID, 1, disparity[None], jnp.zeros(1), jnp.ones(1), None, None, False)
+    _, post = pair_terms(st, arrays, tokens, tokens)
     return post[0, 0], tokens
 
 

@@ -11,7 +11,7 @@ from jax.test_util import check_grads
 from pisa_inputs import make_inputs
 
 from bokehdiff_jax.errors import InputError
-from bokehdiff_jax.pisa import PisaConfig, pisa_attention, training_hardness
+from bokehdiff_jax.pisa import INFERENCE_HARDNESS, PisaConfig, pisa_attention, training_hardness
 from bokehdiff_jax.pisa.blockwise import sparse_pairs
 from bokehdiff_jax.pisa.dense import dense_weights
 from bokehdiff_jax.pisa.geometry import pad_tokens, prepare
@@ -40,8 +40,8 @@ def jitted(config: PisaConfig, grid, train=False):
 
 
 def weights(config, grid, q, k, disparity, focus, strength):
-    st, scene, tokens = prepare(config, grid, q.shape[2], disparity, focus, strength, None, None, False)
-    w, post = dense_weights(st, scene, tokens, tokens, q, k)
+    st, arrays, tokens = prepare(config, grid, q.shape[2], disparity, focus, strength, None, None, False)
+    w, post = dense_weights(st, arrays, tokens, tokens, q, k)
     return np.asarray(w), tokens
 
 
@@ -68,10 +68,10 @@ def test_energy_conservation_and_coc_support():
         dist = np.linalg.norm(xy[:, None] - xy[None], axis=-1)
         return dist, np.asarray(tokens.radius[0])[None, :]
 
-    # Hard edge: exactly zero weight beyond the radius.
+    # Hard edge: exactly zero weight beyond the radius (SPEC 2: the support is dist <= r).
     w, tokens = weights(PisaConfig(occlusion=False, hardness=math.inf), grid, q, k, disp, f, s)
     dist, r = dist_and_radius(tokens)
-    beyond = dist >= r
+    beyond = dist > r
     assert 0 < beyond.sum() < beyond.size
     np.testing.assert_array_equal(w[0][:, beyond], 0.0)
     # Soft edge: beyond r + margin(tol) the weight is below ~tol.
@@ -86,22 +86,47 @@ def test_energy_conservation_and_coc_support():
 @pytest.mark.parametrize(
     "impl,softmax_q", [("dense", True), ("dense", False), ("blockwise", True), ("sparse", False)]
 )
-def test_empty_support_no_nan(impl, softmax_q):
-    """K = 0 with a hard edge: every key's support is empty. Nothing contributes, no NaN anywhere."""
+def test_zero_strength_keeps_each_key_on_its_own_query(impl, softmax_q):
+    """K = 0: every radius is 0. A hard edge means dist <= r (SPEC 2), so each key still reaches its own
+    query and nothing else: without occlusion PISA returns v. The default soft edge gives the same (its
+    off-diagonal sigmoid(-beta * 3 px) ~ 1e-21), and so does a very hard soft edge: the hard edge is its
+    limit. Gradients stay finite (the padded keys of the blockwise runs have empty supports)."""
     grid = (4, 5)
     q, k, v, disp, f, _ = make_inputs(2, 1, grid, 2, 4, (12, 15))
     zero = jnp.zeros(1)
-    if True:
-        cfg = PisaConfig(softmax_q=softmax_q, hardness=math.inf, impl=impl, block_q=8, block_k=8)
+    for hardness in (math.inf, INFERENCE_HARDNESS, 1e4):
+        cfg = PisaConfig(
+            softmax_q=softmax_q, occlusion=False, hardness=hardness, impl=impl, block_q=8, block_k=8
+        )
         fn = jitted(cfg, grid)
-        out = fn(q, k, v, disp, f, zero)
-        np.testing.assert_array_equal(out, 0.0)
-        grads = jax.grad(
-            lambda q, k, v: jnp.sum(fn(q, k, v, disp, f, zero) ** 2 + fn(q, k, v, disp, f, zero)),
-            argnums=(0, 1, 2),
-        )(q, k, v)
+        np.testing.assert_allclose(fn(q, k, v, disp, f, zero), v, rtol=1e-6, atol=1e-6)
+        grads = jax.grad(lambda q, k, v, fn=fn: jnp.sum(fn(q, k, v, disp, f, zero) ** 2), argnums=(0, 1, 2))(
+            q, k, v
+        )
         for g in grads:
             assert np.all(np.isfinite(g))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_in_focus_plane_is_sharp_with_a_hard_edge(impl):
+    """A fronto-parallel plane exactly at the focus (d = d_f) at K = 20: every radius is 0 and every ray
+    is unblocked, so with all switches on each token outputs its own value, none outputs 0."""
+    grid = (6, 10)
+    q, k, v, _, _, _ = make_inputs(13, 2, grid, 2, 4, (24, 40))
+    disp = jnp.full((2, 24, 40), 0.4, jnp.float32)
+    focus, strength = jnp.full((2,), 0.4, jnp.float32), jnp.full((2,), 20.0, jnp.float32)
+    cfg = PisaConfig(hardness=math.inf, impl=impl, block_q=16, block_k=16, supersample=2, segments=3)
+    out = np.asarray(jitted(cfg, grid)(q, k, v, disp, focus, strength))
+    assert np.all(np.abs(out).max(axis=-1) > 0)  # no token outputs 0
+    np.testing.assert_allclose(out, v, rtol=1e-6, atol=1e-6)
+    if impl == "sparse":  # radius 0: only block pairs whose boxes touch are visited, the diagonal among them
+        st, arrays, tokens = prepare(cfg, grid, 2, disp, focus, strength, None, None, False)
+        t = pad_tokens(tokens, 64)
+        pairs = sparse_pairs(st, arrays, t, t, 16, 16)
+        assert 4 <= int(pairs.count) < 16
+        n = int(pairs.count)
+        visited = set(zip(np.asarray(pairs.qb)[:n].tolist(), np.asarray(pairs.kb)[:n].tolist(), strict=True))
+        assert {(i, i) for i in range(4)} <= visited
 
 
 def test_invisible_key_contributes_nothing():
@@ -144,8 +169,8 @@ def test_sparse_skips_and_stays_within_tolerance():
     q, k, v, disp, f, s = make_inputs(5, 1, grid, 2, 8, (64, 64), scale=0.3)
     s = s * 0.1  # radii of a few tokens: most block pairs are out of reach
     cfg = PisaConfig(impl="sparse", block_q=16, block_k=16, sparse_tolerance=1e-6)
-    st, scene, tokens = prepare(cfg, grid, 2, disp, f, s, None, None, False)
-    pairs = sparse_pairs(st, scene, pad_tokens(tokens, 256), pad_tokens(tokens, 256), 16, 16)
+    st, arrays, tokens = prepare(cfg, grid, 2, disp, f, s, None, None, False)
+    pairs = sparse_pairs(st, arrays, pad_tokens(tokens, 256), pad_tokens(tokens, 256), 16, 16)
     assert 16 <= int(pairs.count) < 256 // 2
     out = jitted(cfg, grid)(q, k, v, disp, f, s)
     ref = jitted(PisaConfig(impl="dense"), grid)(q, k, v, disp, f, s)
@@ -218,8 +243,8 @@ def test_released_units_mapping():
     grid, image = (4, 6), (12, 30)
     _, _, _, disp, f, s = make_inputs(9, 1, grid, 1, 4, image)
     cfg = PisaConfig(units="released", released_upsample=8.0, occlusion=False)
-    st, scene, tokens = prepare(cfg, grid, 1, disp, f, s, None, None, False)
-    bias, _ = pair_terms(st, scene, tokens, tokens)
+    st, arrays, tokens = prepare(cfg, grid, 1, disp, f, s, None, None, False)
+    bias, _ = pair_terms(st, arrays, tokens, tokens)
     ii, jj = np.meshgrid(np.arange(4), np.arange(6), indexing="ij")
     unit = np.stack([(jj.ravel() + 0.5) / 6, (ii.ravel() + 0.5) / 4], -1)
     dist = 51.2 * np.linalg.norm(unit[:, None] - unit[None], axis=-1)
@@ -270,6 +295,6 @@ def test_non_square_grid_geometry():
     d_tok = np.asarray(disp[0], np.float64).reshape(3, 4, 5, 8).mean(axis=(1, 3)).ravel()
     np.testing.assert_allclose(np.asarray(tokens.disp[0]), d_tok, rtol=1e-5)
     radius = float(s[0]) * np.abs(d_tok - float(f[0]))
-    inside = np.linalg.norm(xy[:, None] - xy[None], axis=-1) < radius[None, :]
+    inside = np.linalg.norm(xy[:, None] - xy[None], axis=-1) <= radius[None, :]
     assert 0 < inside.sum() < inside.size
     np.testing.assert_array_equal(w[0, 0] > 0, inside)

@@ -7,6 +7,7 @@ import pytest
 import tiny_configs
 
 import bokehdiff_jax.pisa as pisa_pkg
+from bokehdiff_jax.errors import InputError
 from bokehdiff_jax.models.attention import AttentionRouting, PisaInputs, layer_key
 from bokehdiff_jax.models.configs import UNetConfig
 from bokehdiff_jax.models.unet import UNet2DConditionModel
@@ -99,7 +100,6 @@ def test_training_keys_are_deterministic_per_layer(unet):
 
 
 def test_attend_routes_by_path_and_rejects_foreign_contexts():
-    from bokehdiff_jax.errors import InputError
     from bokehdiff_jax.models.attention import attend, vanilla_attention
 
     rng = np.random.default_rng(1)

@@ -5,6 +5,7 @@ import pytest
 from PIL import Image
 
 from bokehdiff_jax import cli
+from bokehdiff_jax.errors import InputError
 from bokehdiff_jax.io import images as io
 
 
@@ -221,7 +222,6 @@ def test_bench_render_rejects_bad_flags_before_work(flags, message):
     import argparse
 
     from bokehdiff_jax.bench import render as bench_render
-    from bokehdiff_jax.errors import InputError
 
     parser = argparse.ArgumentParser()
     bench_render.add_arguments(parser)

@@ -6,9 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bokehdiff_jax.bench.render import numpy_scatter
+from bokehdiff_jax.errors import InputError
 from bokehdiff_jax.render import ScatterConfig, focal_stack, render_scatter
 from bokehdiff_jax.render import scatter as scatter_mod
+from bokehdiff_jax.render.reference import numpy_scatter
 
 S = 64
 # One static config for most tests (one compile); gamma 1 makes output values equal linear energy.
@@ -224,10 +225,20 @@ def test_matches_numpy_reference(kw):
 
 
 def test_bad_shapes_raise():
-    with pytest.raises(ValueError, match="does not match"):
+    with pytest.raises(InputError, match="does not match"):
         render_scatter(np.zeros((8, 8, 3)), np.zeros((8, 9)), 0.5, 1.0)
-    with pytest.raises(ValueError, match="num_layers"):
+    with pytest.raises(InputError, match=r"\[\.\.\., H, W, 3\]"):
+        render_scatter(np.zeros((8, 8, 4)), np.zeros((8, 8)), 0.5, 1.0)
+    with pytest.raises(InputError, match="num_layers"):
         ScatterConfig(num_layers=2)
+    with pytest.raises(InputError, match="max_radius"):
+        ScatterConfig(max_radius=0)
+    with pytest.raises(InputError, match="n >= 1"):
+        focal_stack(np.zeros((8, 8, 3)), np.zeros((8, 8)), 1.0, 0)
+    with pytest.raises(InputError, match="one image"):
+        focal_stack(np.zeros((2, 8, 8, 3)), np.zeros((2, 8, 8)), 1.0, 2)
+    with pytest.raises(InputError, match="method"):
+        numpy_scatter(np.zeros((8, 8, 3)), np.zeros((8, 8)), 0.5, 1.0, method="exact")
 
 
 def test_numpy_tap_by_tap_reference_matches_fft_reference():

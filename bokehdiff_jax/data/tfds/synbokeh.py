@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
+from bokehdiff_jax.data.items import decode_record, list_items, read_record
 from bokehdiff_jax.errors import InputError
 
 
@@ -68,33 +69,12 @@ class Synbokeh(tfds.core.GeneratorBasedBuilder):
         return {"train": self._generate_examples(folder)}
 
     def _generate_examples(self, folder: Path):
-        from PIL import Image
-
-        from bokehdiff_jax.data.items import list_items
-
         items = list_items(folder)
         if not items:
             raise InputError(f"{folder} holds no finished synth items")
         for item in items:
-            meta = json.loads((item / "meta.json").read_text())
-            with Image.open(item / "aif.png") as im:
-                aif = np.asarray(im.convert("RGB"))
-            with Image.open(item / "bokeh.png") as im:
-                bokeh = np.asarray(im.convert("RGB"))
-            with Image.open(item / "disparity.png") as im:
-                disp = np.asarray(im).astype(np.uint16)
-            yield (
-                item.name,
-                {
-                    "aif": aif,
-                    "bokeh": bokeh,
-                    "disparity": disp,
-                    "focus": np.float32(meta["focus"]),
-                    "strength": np.float32(meta["strength"]),
-                    "index": np.int64(meta["index"]),
-                    "meta": json.dumps(meta).encode(),
-                },
-            )
+            record = read_record(item)
+            yield item.name, dict(record, meta=json.dumps(record["meta"]).encode())
 
 
 def build_synbokeh(synth_dir: str | os.PathLike, data_dir: str | os.PathLike) -> Synbokeh:
@@ -107,21 +87,6 @@ def build_synbokeh(synth_dir: str | os.PathLike, data_dir: str | os.PathLike) ->
         download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(synth_dir))
     )
     return builder
-
-
-def decode(record: dict[str, Any]) -> dict[str, np.ndarray]:
-    """A raw ``synbokeh`` record -> float32 example (the keys of ``synthesize``, plus ``index``)."""
-    disp = np.asarray(record["disparity"], np.float32) / 65535.0
-    focus, strength = np.float32(record["focus"]), np.float32(record["strength"])
-    return {
-        "aif": np.asarray(record["aif"], np.float32) / 255.0,
-        "bokeh": np.asarray(record["bokeh"], np.float32) / 255.0,
-        "disparity": disp,
-        "focus": focus,
-        "strength": strength,
-        "coc": (strength * np.abs(disp - focus)).astype(np.float32),
-        "index": np.int64(record["index"]),
-    }
 
 
 class SynbokehSource:
@@ -147,7 +112,7 @@ class SynbokehSource:
         return self._len
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        return decode(self._open()[int(index)])
+        return decode_record(self._open()[int(index)])
 
     def __getstate__(self) -> dict[str, Any]:
         # The open ArrayRecord readers stay behind; each worker process reopens the files.

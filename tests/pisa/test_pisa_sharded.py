@@ -1,5 +1,7 @@
 """Sharded PISA (batch, heads, query-parallel sequence) == unsharded, on 8 fake CPU devices."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,6 +20,7 @@ AXES = [
     dict(seq_axis="s"),
     dict(batch_axis="b", seq_axis="s"),
     dict(batch_axis="b", head_axis="h", seq_axis="s"),
+    dict(batch_axis="b", seq_axis=("h", "s")),  # a split over two mesh axes at once
 ]
 
 
@@ -72,6 +75,16 @@ def test_sharded_gradients_and_training(mesh, inputs):
     got = loss(lambda q, k, v: pisa_attention_sharded(q, k, v, mesh=mesh, **axes, **kw))(q, k, v)
     for a, b in zip(got, ref, strict=True):
         assert _rel(a, b) < 1e-5
+
+
+def test_sharded_hard_edge_keeps_in_focus_keys(mesh, inputs):
+    """K = 0 with a hard edge (dist <= r, SPEC 2): each key reaches only its own query, so PISA without
+    occlusion returns v, also when the queries are split over devices."""
+    q, k, v, disp, f, s = inputs
+    cfg = PisaConfig(hardness=math.inf, occlusion=False, block_q=8, block_k=8)
+    kw = dict(grid=GRID, disparity=disp, focus=f, strength=jnp.zeros_like(s), config=cfg, mesh=mesh)
+    out = jax.jit(lambda q, k, v: pisa_attention_sharded(q, k, v, **AXES[-2], **kw))(q, k, v)
+    np.testing.assert_allclose(out, v, rtol=1e-6, atol=1e-6)
 
 
 def test_sharding_rejects_uneven_splits(mesh, inputs):

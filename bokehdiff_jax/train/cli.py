@@ -1,0 +1,48 @@
+"""``bokehdiff-jax train``: thin; parses arguments and calls ``train.loop``.
+
+    bokehdiff-jax train --config configs/tiny_cpu.py --workdir runs/tiny
+    bokehdiff-jax train --config configs/sdxl_gpu1.py:no_occlusion --workdir runs/abl \\
+        --config.base=sdxl_jax/ --config.precision=fp32
+    bokehdiff-jax train --config configs/tpu_pod.py --workdir gs://.../run --dry-run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="config file, optionally with variants: configs/X.py[:a,b]")
+    p.add_argument("--workdir", required=True, help="run folder: config.json, checkpoints/, metrics.jsonl, ...")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="compile the step from abstract shapes only; write WORKDIR/dry_run.json and exit",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar, metrics or TensorBoard output")
+    p.epilog = "Any config key can be overridden: --config.KEY=VALUE (e.g. --config.steps=100)."
+    p.set_defaults(_accepts_extra=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    from bokehdiff_jax.train import config as config_lib
+
+    config = config_lib.resolve(args.config, list(getattr(args, "extra", [])))
+    from bokehdiff_jax.train import loop
+
+    if args.dry_run:
+        report = loop.train_dry_run(config, args.workdir)
+        shown = {k: report[k] for k in ("trainable_params", "frozen_params", "memory_gib", "flops", "mesh")}
+        print(json.dumps(shown))
+        return 0
+    try:
+        summary = loop.train(config, args.workdir, progress=not args.no_progress)
+    except loop.Diverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    how = "stopped by SIGTERM" if summary["stopped"] else "done"
+    print(f"{how}: step {summary['step']} (started at {summary['start_step']}) in {args.workdir}")
+    return 0
