@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("bokehdiff_jax.demo", "the main job on the embedded default data"),
     "train": ("bokehdiff_jax.train.cli", "train BokehDiff (configs/*.py, checkpoints, resume, dry run)"),
     "export": ("bokehdiff_jax.export.cli", "export a trained model to diffusers/peft files for PyTorch"),
+    "evaluate": ("bokehdiff_jax.evaluate.cli", "score renders against references (PSNR, SSIM, LPIPS, DISTS)"),
     "bench": ("bokehdiff_jax.bench", "benchmarks (unet, convert, pisa, render)"),
 }
 

@@ -11,12 +11,30 @@ import torch
 
 from bokehdiff_jax.convert.peft_files import lora_shapes
 from bokehdiff_jax.convert.trained import ModelSpec, Trained, base_configs, flatten, unet_shapes, unflatten
-from bokehdiff_jax.io.safetensors_io import SafetensorsFile
 from bokehdiff_jax.models.attention import AttentionRouting
 from bokehdiff_jax.models.bokehdiff import random_prompt_embeds
 from bokehdiff_jax.models.options import LoRAConfig
 from bokehdiff_jax.models.partition import SPEC_VAE_TRAINABLE
 from bokehdiff_jax.pisa.config import PisaConfig
+
+
+# The smallest SDXL-shaped pair (text_time conditioning, linear projections, SPEC's PISA layer
+# down_blocks.1.attentions.0 present): two levels, one layer each; compiles fastest in JAX.
+MINI_UNET = {
+    **tiny_configs.UNETS["sdxl"],
+    "block_out_channels": [16, 32],
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+    "layers_per_block": 1,
+    "transformer_layers_per_block": [1, 1],
+    "attention_head_dim": [1, 2],
+}
+MINI_VAE = {
+    **tiny_configs.VAES["sdxl"],
+    "block_out_channels": [16, 32],
+    "down_block_types": ["DownEncoderBlock2D"] * 2,
+    "up_block_types": ["UpDecoderBlock2D"] * 2,
+}
 
 
 def perturbed(model: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -28,25 +46,25 @@ def perturbed(model: torch.nn.Module, seed: int) -> torch.nn.Module:
 
 
 def write_base(root: pathlib.Path, name: str = "sdxl", seed: int = 0, **unet_overrides) -> pathlib.Path:
-    """A diffusers folder ``root/unet``, ``root/vae`` with random weights of the tiny ``name`` configs."""
+    """A diffusers folder ``root/unet``, ``root/vae`` with random weights of the tiny ``name`` configs
+    (``tiny_configs`` names, or ``"mini"``)."""
     import diffusers
 
-    perturbed(
-        diffusers.UNet2DConditionModel(**{**tiny_configs.UNETS[name], **unet_overrides}), seed
-    ).save_pretrained(root / "unet")
-    perturbed(diffusers.AutoencoderKL(**tiny_configs.VAES[name]), seed + 1).save_pretrained(root / "vae")
+    unet_cfg = MINI_UNET if name == "mini" else tiny_configs.UNETS[name]
+    vae_cfg = MINI_VAE if name == "mini" else tiny_configs.VAES[name]
+    perturbed(diffusers.UNet2DConditionModel(**{**unet_cfg, **unet_overrides}), seed).save_pretrained(
+        root / "unet"
+    )
+    perturbed(diffusers.AutoencoderKL(**vae_cfg), seed + 1).save_pretrained(root / "vae")
     return root
 
 
 def base_vae_parts(base: pathlib.Path, parts=SPEC_VAE_TRAINABLE) -> dict:
-    """The base's VAE-parts tree (Flax layout, float32), read through diffusers' names."""
-    from bokehdiff_jax.convert import mapping
+    """The base's VAE-parts tree (Flax layout, float32)."""
+    from bokehdiff_jax.convert.importers import base_vae_parts as read
     from bokehdiff_jax.convert.trained import abstract_vae_parts
 
-    _, vae_config = base_configs(base)
-    abstract = abstract_vae_parts(vae_config, parts)
-    with SafetensorsFile(base / "vae" / "diffusion_pytorch_model.safetensors") as f:
-        return mapping.diffusers_to_flax(f, abstract, dtype=np.float32)
+    return read(base, abstract_vae_parts(base_configs(base)[1], parts))
 
 
 def random_trained(

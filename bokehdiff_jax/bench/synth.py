@@ -13,8 +13,9 @@ Three parts (``--parts``):
   padded canvas, ``21 * times`` points).
 - ``dist``: the CoC radii of the targets (``K |d - d_f|`` over the output frame) over many sampled scenes,
   no rendering: median and 90th percentile of each image's largest radius, the mean radius, the median
-  foreground area (its box in the frame / frame) and how far the background reaches towards disparity
-  0; beside the same figures for the released sampling, re-implemented from SPEC section 4 here.
+  foreground area (its box in the frame, and its alpha's sum, over the frame's area) and the median of
+  the background's smallest disparity in the frame; beside the same figures for the released sampling,
+  re-implemented from SPEC section 4 here.
 """
 
 from __future__ import annotations
@@ -249,7 +250,9 @@ def _released_scene(rng: np.random.Generator, fg: np.ndarray, size: int) -> dict
     box_h = max(0, min(y0 + fh, pad + size) - max(y0, pad))
     box_w = max(0, min(x0 + fw, pad + size) - max(x0, pad))
     bg_min = float(bg[pad : pad + size, pad : pad + size].min())
-    return dict(disp=crop, focus=focus, strength=strength, fg_area=box_h * box_w / size**2, bg_min=bg_min)
+    fg_alpha = float(a[pad : pad + size, pad : pad + size].mean())
+    box = box_h * box_w / size**2
+    return dict(disp=crop, focus=focus, strength=strength, fg_area=box, fg_alpha=fg_alpha, bg_min=bg_min)
 
 
 def _ours_scene(cfg, fgs, bgs, seed: int, index: int) -> dict:
@@ -268,6 +271,7 @@ def _ours_scene(cfg, fgs, bgs, seed: int, index: int) -> dict:
         focus=scene.focus,
         strength=scene.strength,
         fg_area=fw * fh / s**2,
+        fg_alpha=float(scene.rgba_lhwc[1, p : p + s, p : p + s, 3].mean()),
         bg_min=float(bg_map.min()),
     )
 
@@ -284,7 +288,8 @@ def _summary(scenes: list[dict]) -> dict:
         "largest r median": float(np.median(largest)),
         "largest r p90": float(np.percentile(largest, 90)),
         "mean r": float(np.mean(mean)),
-        "fg area median": float(np.median([sc["fg_area"] for sc in scenes])),
+        "fg box area median": float(np.median([sc["fg_area"] for sc in scenes])),
+        "fg alpha area median": float(np.median([sc["fg_alpha"] for sc in scenes])),
         "bg min disparity median": float(np.median([sc["bg_min"] for sc in scenes])),
     }
 

@@ -93,8 +93,8 @@ def _vae_parts(tensors: Any, abstract: dict[str, Any], what: str) -> dict[str, A
     return mapping.diffusers_to_flax(tensors, abstract, dtype=np.float32, what=what)
 
 
-def _base_vae_parts(base: str | os.PathLike, abstract: dict[str, Any]) -> dict[str, Any]:
-    """The base's own values of the trained VAE parts (the source has none)."""
+def base_vae_parts(base: str | os.PathLike, abstract: dict[str, Any]) -> dict[str, Any]:
+    """The base's own values of the VAE parts shaped by ``abstract`` (float32; when the source has none)."""
     folder, ours = resolve(base, "vae")
     if ours:
         with SafetensorsFile(folder / PARAMS) as f:
@@ -118,7 +118,7 @@ def _assemble(
     if "vae" in abstract:
         parts = abstract["vae"]["params"]
         vae_tree = (
-            _base_vae_parts(base, parts) if vae is None else _vae_parts(vae, parts, f"{source} VAE parts")
+            base_vae_parts(base, parts) if vae is None else _vae_parts(vae, parts, f"{source} VAE parts")
         )
         trainable["vae"] = {"params": vae_tree}
     elif vae is not None and len(vae):

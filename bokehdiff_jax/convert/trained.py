@@ -21,6 +21,7 @@ content, independent of layout (our checkpoint or a diffusers folder of the same
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -142,8 +143,10 @@ def unet_shapes(base: str | os.PathLike) -> dict[str, tuple[int, ...]]:
         return {k: shape for k, (_, shape) in t.specs.items()}
 
 
+@functools.lru_cache(maxsize=8)
 def abstract_vae_parts(vae_config: VAEConfig, parts: tuple[str, ...]) -> dict[str, Any]:
-    """The trained VAE parts' Flax shapes (``jax.eval_shape`` of the VAE: no weights made)."""
+    """The trained VAE parts' Flax shapes (``jax.eval_shape`` of the VAE: no weights made; cached, do not
+    modify the result)."""
     import jax
     import jax.numpy as jnp
 
@@ -155,6 +158,7 @@ def abstract_vae_parts(vae_config: VAEConfig, parts: tuple[str, ...]) -> dict[st
     x = jnp.zeros((1, f, f, vae_config.in_channels), jnp.float32)
     params = jax.eval_shape(lambda k: vae.init(k, x)["params"], jax.random.key(0))
     config = PartitionConfig(trainable="lora", vae_parts=parts)
+    # split cuts the VAE parts of a LoRA run, whose variables must hold a LoRA collection: a placeholder.
     trainable, _ = split({"unet": {"lora": {"_": {}}}, "vae": {"params": params}}, config)
     return trainable.get("vae", {}).get("params", {})
 

@@ -2,7 +2,10 @@
 
 The folder layout and item format are ``data.items``.
 
-Resuming skips every ``items/NNNNNN`` that exists: an interrupted run never leaves a half item.
+Resuming skips every finished ``items/NNNNNN`` (``items.item_complete``, the test ``list_items`` uses):
+an interrupted run never leaves a half item, and an item that lost a file is redone. ``--out`` must be
+new, empty, or an earlier synth output (its ``synth.json``); the temporaries a killed run left in it
+are removed (and reported) on the next run.
 """
 
 from __future__ import annotations
@@ -10,24 +13,34 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
-from bokehdiff_jax.data.items import item_dir, write_item
+from bokehdiff_jax.data.items import item_complete, item_dir, write_item
 from bokehdiff_jax.errors import InputError
+from bokehdiff_jax.io.flags import float_in, int_in
+
+SYNTH_FORMAT = "bokehdiff_jax.synth"  # synth.json's "format": proves a folder is a synth output
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fg", required=True, help="folder of RGBA foregrounds (PNG with alpha, ...)")
     parser.add_argument("--bg", required=True, help="folder of all-in-focus backgrounds")
     parser.add_argument("--out", required=True, help="output folder (resumes if it holds the same run)")
-    parser.add_argument("-n", "--num", type=int, required=True, help="number of examples")
-    parser.add_argument("--seed", type=int, default=0, help="stream seed; example i uses rng([seed, i])")
-    parser.add_argument("--size", type=int, default=768, help="output canvas side in pixels (768)")
-    parser.add_argument("--start", type=int, default=0, help="first example index (to split work)")
+    parser.add_argument("-n", "--num", type=int_in(1, 10**8), required=True, help="number of examples")
+    parser.add_argument(
+        "--seed", type=int_in(0), default=0, help="stream seed (>= 0); example i uses rng([seed, i])"
+    )
+    parser.add_argument(
+        "--size", type=int_in(16, 4096), default=768, help="output canvas side in pixels, 16..4096 (768)"
+    )
+    parser.add_argument(
+        "--start", type=int_in(0, 10**12), default=0, help="first example index (to split work)"
+    )
     parser.add_argument(
         "--fg-count",
-        type=int,
+        type=int_in(1, 16),
         nargs=2,
         metavar=("LO", "HI"),
         default=None,
@@ -35,16 +48,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--log2-times",
-        type=float,
+        type=float_in(-8, 6),  # K up to 12 * 64 = 768 px: beyond that a scene takes hours
         nargs=2,
         metavar=("LO", "HI"),
         default=None,
-        help="blur multiplier range: K = 12 * 2**U(LO, HI) px (-2 3)",
+        help="blur multiplier range, each in [-8, 6]: K = 12 * 2**U(LO, HI) px (-2 3)",
     )
-    parser.add_argument("--rays-max", type=int, default=None, help="cap on rays per pixel (256)")
+    parser.add_argument(
+        "--rays-max",
+        type=int_in(1, 4096),
+        default=None,
+        help="cap on rays per pixel, 1..4096 (default: the synthesis config's)",
+    )
     parser.add_argument(
         "--workers",
-        type=int,
+        type=int_in(0, 256),
         default=0,
         help="grain worker processes synthesizing in parallel, on CPU (0 = this process, any backend)",
     )
@@ -55,6 +73,13 @@ def config_from_args(args: argparse.Namespace):
     from bokehdiff_jax.data.synthesis import SynthConfig
 
     kw: dict[str, Any] = {"size": args.size}
+    # Relations between flags, in the flags' own terms (SynthConfig's messages name its fields).
+    for flag, pair in (("--fg-count", args.fg_count), ("--log2-times", args.log2_times)):
+        if pair is not None and pair[0] > pair[1]:
+            raise InputError(f"{flag} LO HI needs LO <= HI, got {pair[0]:g} {pair[1]:g}")
+    rays_min = getattr(args, "rays_min", None) or SynthConfig.rays_min
+    if args.rays_max is not None and args.rays_max < rays_min:
+        raise InputError(f"--rays-max {args.rays_max} is below the fewest rays per pixel, {rays_min}")
     if args.fg_count is not None:
         kw["fg_count"] = tuple(args.fg_count)
     if args.log2_times is not None:
@@ -71,16 +96,21 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from bokehdiff_jax.data.synthesis import scan_inputs, synthesize_with_meta
-    from bokehdiff_jax.io.atomic import atomic_path
+    from bokehdiff_jax.io.atomic import atomic_path, check_apart, sweep_stale
 
-    if args.num < 1:
-        raise InputError(f"-n must be >= 1, got {args.num}")
-    if args.start < 0 or args.workers < 0:
-        raise InputError(f"--start and --workers must be >= 0, got {args.start} and {args.workers}")
-    config = config_from_args(args)
+    config = config_from_args(args)  # every flag checked before anything is read or written
     out = Path(args.out)
+    check_apart(out, [args.fg, args.bg], flag="--out")
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} exists and is not a folder")
+    manifest = out / "synth.json"
+    old = _read_run(manifest) if manifest.exists() else None
+    if old is None and out.is_dir() and any(out.iterdir()):
+        shown = ", ".join(sorted(p.name for p in out.iterdir())[:3])
+        raise InputError(
+            f"--out {out} holds other files ({shown}) and no synth.json: it is not a synth output, and "
+            "synth writes report.txt, synth.json and items/ there; choose a new or empty folder"
+        )
     inputs = scan_inputs(args.fg, args.bg, config)
     run_desc = {
         "config": dataclasses.asdict(config),
@@ -88,9 +118,7 @@ def run(args: argparse.Namespace) -> int:
         "fg": [p.name for p in inputs.fg],
         "bg": [p.name for p in inputs.bg],
     }
-    manifest = out / "synth.json"
-    if manifest.exists():
-        old = json.loads(manifest.read_text())
+    if old is not None:
         old_desc = {k: old.get(k) for k in run_desc}
         if json.loads(json.dumps(run_desc)) != old_desc:
             diff = [k for k in run_desc if json.loads(json.dumps(run_desc[k])) != old_desc[k]]
@@ -102,12 +130,15 @@ def run(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise InputError(f"cannot create --out {out}: {e.strerror or e}") from None
+    for note in sweep_stale(out) + sweep_stale(out / "items"):  # leftovers of a killed run
+        print(f"note: {note}", file=sys.stderr)
+    n = max(args.start + args.num, int(old["n"]) if old else 0)
     with atomic_path(manifest) as tmp:
-        tmp.write_text(json.dumps(dict(run_desc, n=max(args.start + args.num, _old_n(manifest))), indent=1))
+        tmp.write_text(json.dumps(dict(run_desc, format=SYNTH_FORMAT, n=n), indent=1))
     with atomic_path(out / "report.txt") as tmp:
         tmp.write_text(inputs.summary() + "\n")
 
-    todo = [i for i in range(args.start, args.start + args.num) if not item_dir(out, i).exists()]
+    todo = [i for i in range(args.start, args.start + args.num) if not item_complete(item_dir(out, i))]
     done = args.num - len(todo)
     if done:
         print(f"resuming: {done} of {args.num} examples already in {out}")
@@ -159,7 +190,21 @@ def _parallel(config, inputs, seed: int, todo: list[int], workers: int):
     yield from grain.DataLoader(data_source=source, sampler=sampler, worker_count=workers)
 
 
-def _old_n(manifest: Path) -> int:
-    if not manifest.exists():
-        return 0
-    return int(json.loads(manifest.read_text()).get("n", 0))
+def _read_run(manifest: Path) -> dict[str, Any]:
+    """An earlier run's ``synth.json``, checked: a JSON object with this command's keys and types."""
+    try:
+        old = json.loads(manifest.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{manifest}: not valid JSON ({e}); choose a new --out folder") from None
+    types = {"config": dict, "seed": int, "fg": list, "bg": list, "n": int}
+    wrong = (
+        ["a JSON object"]
+        if not isinstance(old, dict)
+        else [f"{k} ({t.__name__})" for k, t in types.items() if not isinstance(old.get(k), t)]
+    )
+    if wrong or old.get("format", SYNTH_FORMAT) != SYNTH_FORMAT:
+        raise InputError(
+            f"{manifest}: not a synth run description (need {', '.join(wrong) or 'format ' + SYNTH_FORMAT}); "
+            "the folder was not written by synth or the file is damaged: choose a new --out folder"
+        )
+    return old

@@ -98,13 +98,19 @@ def read_item(folder: str | Path) -> dict[str, np.ndarray]:
     return decode_record(read_record(folder))
 
 
+def item_complete(folder: Path) -> bool:
+    """Whether an example folder is finished: every one of ``ITEM_FILES`` present. The one test both
+    ``list_items`` and ``synth``'s resume use, so an item missing a file is redone, never counted."""
+    return (
+        folder.is_dir()
+        and not folder.name.startswith(".")
+        and all((folder / f).is_file() for f in ITEM_FILES)
+    )
+
+
 def list_items(out: str | Path) -> list[Path]:
     """The finished example folders of a ``synth`` output, sorted by index."""
     items = Path(out) / "items"
     if not items.is_dir():
         raise InputError(f"{out} is not a synth output folder (no items/ inside)")
-    return sorted(
-        p
-        for p in items.iterdir()
-        if p.is_dir() and not p.name.startswith(".") and all((p / f).is_file() for f in ITEM_FILES)
-    )
+    return sorted(p for p in items.iterdir() if item_complete(p))

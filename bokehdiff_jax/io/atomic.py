@@ -80,6 +80,20 @@ def check_apart(output: str | os.PathLike, inputs: list[str | os.PathLike], flag
             )
 
 
+def check_writable(path: str | os.PathLike, flag: str = "--out") -> None:
+    """Refuses (``InputError``) an output path that cannot be created: its nearest existing ancestor is
+    a file, or a folder this process may not write in. Cheap; call it before any work (``atomic_path``
+    would only find out at the end)."""
+    path = Path(os.path.abspath(path))
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise InputError(f"cannot write {flag} {path}: {parent} is a file, not a folder")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise InputError(f"cannot write {flag} {path}: no permission to write in {parent}")
+            return
+
+
 def read_marker(folder: str | os.PathLike, marker: str) -> dict | None:
     """The JSON object in ``folder/marker`` (the file our folder outputs carry to prove they are
     ours), or None when it is absent or not a JSON object."""
@@ -214,6 +228,9 @@ def atomic_path(dst: str | os.PathLike, *, is_dir: bool = False) -> Iterator[Pat
             os.close(fd)
             tmp = Path(name)
     except OSError as e:
+        blocker = next((p for p in dst.parents if p.exists() and not p.is_dir()), None)
+        if blocker is not None:  # mkdir says only "File exists" / "Not a directory"
+            raise InputError(f"cannot write {dst}: {blocker} is a file, not a folder") from None
         raise InputError(f"cannot write {dst}: {e.strerror or e}") from None
     try:
         yield tmp

@@ -18,10 +18,20 @@ from bokehdiff_jax.errors import InputError
 from bokehdiff_jax.io.atomic import atomic_path
 
 IMAGE_WRITE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
+# Every image we write carries this tag (PNG "Software" text, JPEG comment): an existing file at an
+# output path is replaced only if it carries it, i.e. only if we wrote it (``check_image_output``).
+SOFTWARE = "bokehdiff_jax"
 _DISP_KEY = re.compile(r"disp", re.IGNORECASE)
 
 
 # ----------------------------------------------------------------------------------------------- images
+
+
+def _check_is_file(path: Path, what: str) -> None:
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder, not {what}")
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
 
 
 def _open_pil(path: str | os.PathLike):
@@ -29,8 +39,7 @@ def _open_pil(path: str | os.PathLike):
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such file")
+    _check_is_file(path, "an image file")
     try:
         with Image.open(path) as im:
             im.load()  # decode now, so truncated/corrupt data fails here and not later
@@ -131,9 +140,38 @@ def write_image(path: str | os.PathLike, array_hwc: np.ndarray, *, quality: int 
     if fmt == "JPEG" and a.ndim == 3 and a.shape[-1] == 4:
         a = a[..., :3]  # JPEG has no alpha
     with atomic_path(path) as tmp:
-        kwargs = {"quality": quality} if fmt == "JPEG" else {}
+        if fmt == "JPEG":
+            kwargs = {"quality": quality, "comment": SOFTWARE.encode()}
+        else:
+            from PIL.PngImagePlugin import PngInfo
+
+            kwargs = {"pnginfo": PngInfo()}
+            kwargs["pnginfo"].add_text("Software", SOFTWARE)
         Image.fromarray(a).save(tmp, format=fmt, **kwargs)
     return path
+
+
+def written_by_us(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is an image ``write_image`` wrote (it carries our tag; reads the header only)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.info.get("Software") == SOFTWARE or im.info.get("comment") == SOFTWARE.encode()
+    except Exception:  # not an image at all: certainly not ours
+        return False
+
+
+def check_image_output(path: str | os.PathLike, flag: str = "--out") -> None:
+    """Refuses (``InputError``) an image output path where writing would replace something we did not
+    write: a folder, or an existing file without our tag (a user's photo). Call it before any work."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{flag} {path} is a folder; expected an image file")
+    if (path.exists() or path.is_symlink()) and not written_by_us(path):
+        raise InputError(
+            f"{flag} {path} exists and was not written by bokehdiff-jax; choose another name or remove it"
+        )
 
 
 def write_disparity(path: str | os.PathLike, disparity_hw: np.ndarray) -> Path:
@@ -187,6 +225,10 @@ def _read_pfm(path: Path) -> np.ndarray:
 
 
 def _read_npz(path: Path, notes: list[str]) -> np.ndarray:
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic not in (b"PK\x03\x04", b"PK\x05\x06"):  # a zip archive (an empty one: end record only)
+        raise InputError(f"{path}: not a .npz archive (no zip header; a text file?); save with numpy.savez")
     try:
         with np.load(path, allow_pickle=False) as z:
             keys = list(z.files)
@@ -204,30 +246,47 @@ def _read_npz(path: Path, notes: list[str]) -> np.ndarray:
 
 
 def _read_disparity_image(path: Path) -> np.ndarray:
+    """A grayscale image's levels in [0, 1]. Colour is refused, not converted to luminance: a colour
+    (or colour-palette) picture is a depth *preview* whose colours are not disparities. A channel's
+    gray copies (RGB with R = G = B, a palette of grays) are read as the gray they hold; an alpha
+    channel is refused unless opaque everywhere (a transparent pixel has no disparity)."""
     im = _open_pil(path)
     mode = im.mode
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         return np.asarray(im, dtype=np.float64).astype(np.float32) / 65535.0
     if mode == "F":
         return np.asarray(im, dtype=np.float32)
-    if mode in ("L", "1", "P"):
+    if mode in ("L", "1"):
         return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
-    if mode in ("LA",):
-        return np.asarray(im, dtype=np.float32)[..., 0] / 255.0
-    if mode in ("RGB", "RGBA"):
-        a = np.asarray(im, dtype=np.float32)
-        if np.array_equal(a[..., 0], a[..., 1]) and np.array_equal(a[..., 0], a[..., 2]):
-            return a[..., 0] / 255.0
-    raise InputError(
-        f"{path}: a disparity image must be single-channel 8- or 16-bit (grayscale), got mode {mode}"
-    )
+    if mode not in ("LA", "P", "PA", "RGB", "RGBA"):
+        raise InputError(
+            f"{path}: a disparity image must be single-channel 8- or 16-bit grayscale, got mode {mode}"
+        )
+    palette = mode in ("P", "PA")
+    a = np.asarray(im.convert("RGBA") if palette or mode == "LA" else im, dtype=np.float32)
+    if a.shape[-1] == 4 and np.any(a[..., 3] < 255):
+        raise InputError(
+            f"{path}: the disparity image has transparent pixels (an alpha channel), and a transparent "
+            "pixel has no disparity; save it as single-channel grayscale without alpha"
+        )
+    if not (np.array_equal(a[..., 0], a[..., 1]) and np.array_equal(a[..., 0], a[..., 2])):
+        kind = "a colour palette (a colour-mapped depth preview?)" if palette else "colour (R, G, B differ)"
+        raise InputError(
+            f"{path}: the disparity image holds {kind}; colours are not disparity values: save the "
+            "disparity itself as single-channel 8- or 16-bit grayscale"
+        )
+    return a[..., 0] / 255.0
 
 
 def _load_raw(path: Path, notes: list[str]) -> np.ndarray:
     suffix = path.suffix.lower()
-    if not path.is_file():
-        raise InputError(f"{path}: no such file")
+    _check_is_file(path, "a disparity file")
     if suffix == ".npy":
+        with open(path, "rb") as f:
+            if f.read(6) != b"\x93NUMPY":  # np.load would try it as a pickle and say only that
+                raise InputError(
+                    f"{path}: not a .npy file (no NumPy header; a text file?); save the array with numpy.save"
+                )
         try:
             return np.load(path, allow_pickle=False)
         except (ValueError, OSError, EOFError) as e:
@@ -321,7 +380,8 @@ def read_disparity(
     """A disparity map as float32 ``[H, W]`` in [0, 1] (1 = near) and a list of notes.
 
     Formats: ``.npy``, ``.npz`` (the array whose key contains 'disp', else the first), ``.pfm``, 8- and
-    16-bit grayscale PNG (scaled by 255 / 65535), float TIFF. Singleton axes are squeezed. Values outside
+    16-bit grayscale PNG (scaled by 255 / 65535), float TIFF. Extra singleton axes are dropped (``[1, H, W]``,
+    ``[H, W, 1]``; a one-row ``[1, W]`` map stays 2-D). Values outside
     [0, 1] (finite ones) are an ``InputError`` unless ``normalize`` (min-max over finite values). NaN/inf
     are filled from valid neighbours and reported. ``flip`` maps ``d -> 1 - d`` (for depth-like maps
     where near is small). A note warns when the result looks flipped (:func:`looks_flipped`).
@@ -331,7 +391,9 @@ def read_disparity(
     raw = _load_raw(path, notes)
     if raw.dtype.kind not in "fiub":
         raise InputError(f"{path}: disparity must be numeric, got dtype {raw.dtype}")
-    arr = np.squeeze(np.asarray(raw, np.float64))
+    arr = np.asarray(raw, np.float64)
+    while arr.ndim > 2 and 1 in (arr.shape[0], arr.shape[-1]):  # drop batch/channel axes, never H or W
+        arr = arr[0] if arr.shape[0] == 1 else arr[..., 0]
     if arr.ndim != 2 or min(arr.shape) < 1:
         raise InputError(f"{path}: disparity must be a 2-D [H, W] map, got shape {raw.shape}")
     finite = np.isfinite(arr)
@@ -340,7 +402,8 @@ def read_disparity(
     lo, hi = float(arr[finite].min()), float(arr[finite].max())
     if normalize:
         if hi > lo:
-            arr = (arr - lo) / (hi - lo)
+            # Halved first: hi - lo overflows for values near the float64 limit (1e308 - -1e308).
+            arr = (arr / 2 - lo / 2) / (hi / 2 - lo / 2)
             notes.append(f"normalised disparity from [{lo:.4g}, {hi:.4g}] to [0, 1]")
         else:
             arr = np.where(finite, 0.5, arr)
@@ -348,7 +411,7 @@ def read_disparity(
     elif lo < -1e-6 or hi > 1.0 + 1e-6:
         raise InputError(
             f"{path}: disparity values span [{lo:.4g}, {hi:.4g}], outside [0, 1]; "
-            "pass --normalize (normalize=True) to rescale min-max"
+            "use --normalize to rescale min-max to [0, 1]"
         )
     arr = np.clip(arr, 0.0, 1.0)  # NaN stays NaN, inf was finite-checked out of the range above
     arr[~finite] = np.nan

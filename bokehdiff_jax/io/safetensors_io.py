@@ -107,7 +107,8 @@ class SafetensorsFile(Mapping[str, np.ndarray]):
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         if not self.path.is_file():
-            raise InputError(f"{self.path}: no such safetensors file")
+            what = "is a folder, not a safetensors file" if self.path.is_dir() else "no such safetensors file"
+            raise InputError(f"{self.path}: {what}")
         self._fd = -1
         self._fd = os.open(self.path, os.O_RDONLY)
         try:

@@ -73,7 +73,8 @@ class LayeredConfig:
     sampling: str = "cells"
     rays_min: int = 1
     rays_max: int = 4096
-    cell_px: float = 2.0
+    cell_px: float = 8.0
+    min_grid: int = 8
     tile: int = 16
     ray_chunk: int = 32
     num_rays: int = 64
@@ -83,7 +84,7 @@ class LayeredConfig:
     def __post_init__(self):
         if self.sampling not in SAMPLINGS:
             raise ValueError(f"sampling must be one of {SAMPLINGS}, got {self.sampling!r}")
-        for name in ("rays_min", "rays_max", "tile", "ray_chunk", "num_rays", "row_chunk"):
+        for name in ("rays_min", "rays_max", "min_grid", "tile", "ray_chunk", "num_rays", "row_chunk"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
@@ -101,6 +102,7 @@ jax.tree_util.register_dataclass(
         "rays_min",
         "rays_max",
         "cell_px",
+        "min_grid",
         "tile",
         "ray_chunk",
         "num_rays",
@@ -309,7 +311,12 @@ def _trace_cells(rgba, planes, focus, strength, config, crop):
         li = jnp.arange(n_layers)
         count = present[li, yb, xb] - present[li, ya, xb] - present[li, yb, xa] + present[li, ya, xa]
         r_tile = jnp.max(jnp.where(count > 0, radius, 0.0))
-        m = jnp.clip(jnp.ceil(2.0 * r_tile / config.cell_px), m_lo, m_hi).astype(jnp.int32)
+        # Footprints of at most cell_px pixels, and a grid of at least min_grid cells across the disc
+        # (fewer only while a cell stays under a pixel): the rim cells then draw a round CoC.
+        need = jnp.maximum(
+            jnp.ceil(2.0 * r_tile / config.cell_px), jnp.minimum(config.min_grid, jnp.ceil(2.0 * r_tile))
+        )
+        m = jnp.clip(need, m_lo, m_hi).astype(jnp.int32)
         first, counts = _grid_rows(m, m_hi, jnp)
         n_cells = counts.sum()
 

@@ -96,8 +96,6 @@ def make_train_step(
             opt_state=opt_state,
             carry=carry,
         )
-        # A non-finite step changes nothing: the loop stops on `finite` and saves no checkpoint after it.
-        new = jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, state)
         metrics = {"objective": obj, **terms, "grad_norm": grad_norm, "finite": finite}
         metrics["lr"] = jnp.asarray(lr_fn(state.step) if lr_fn is not None else 0.0, jnp.float32)
         return new, metrics

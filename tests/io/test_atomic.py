@@ -175,3 +175,13 @@ def test_check_replaceable_needs_our_marker_and_nothing_foreign(tmp_path):
         check_replaceable(d, **kw)
     with pytest.raises(InputError, match="not a folder"):
         check_replaceable(d / "notes.txt", **kw)
+
+
+def test_a_file_in_the_way_of_the_parent_folder_is_named(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    for dst in (tmp_path / "afile" / "out.png", tmp_path / "afile" / "sub" / "out.png"):
+        with pytest.raises(InputError, match=r"afile is a file, not a folder") as e:
+            with atomic_path(dst):
+                pass
+        assert "File exists" not in str(e.value) and "Not a directory" not in str(e.value)
+    assert (tmp_path / "afile").read_text() == "x"

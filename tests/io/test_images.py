@@ -271,3 +271,83 @@ def test_fill_invalid_wide_hole_uses_coarse_levels():
     assert n == 40 * 48 and np.all(np.isfinite(out))
     err = np.abs(out[:40] - np.tile(cols, (40, 1)))  # columns roughly keep their value
     assert err.max() < 0.15 and err.mean() < 0.03
+
+
+# ------------------------------------------------------------------------------------------ issue 11
+def test_palette_and_alpha_disparity_pngs_are_refused_with_the_reason(tmp_path):
+    rng = np.random.default_rng(0)
+    gray = rng.integers(0, 256, (6, 5), dtype=np.uint8)
+    # A colour-mapped depth preview: a palette image whose colours are not disparities.
+    colour = np.stack([gray, 255 - gray, gray // 2], -1)
+    Image.fromarray(colour).quantize(16).save(tmp_path / "preview.png")
+    with pytest.raises(InputError, match="colour palette"):
+        io.read_disparity(tmp_path / "preview.png")
+    # The same picture as RGB was already refused: both say why.
+    Image.fromarray(colour).save(tmp_path / "preview_rgb.png")
+    with pytest.raises(InputError, match="colour"):
+        io.read_disparity(tmp_path / "preview_rgb.png")
+    # A palette of grays holds gray levels: read like the grayscale PNG it encodes.
+    Image.fromarray(gray).convert("P").save(tmp_path / "gray_palette.png")
+    assert Image.open(tmp_path / "gray_palette.png").mode == "P"
+    out, _ = io.read_disparity(tmp_path / "gray_palette.png")
+    np.testing.assert_allclose(out, gray / 255.0, atol=1e-6)
+    # Gray + alpha: transparent pixels have no disparity.
+    alpha = np.full_like(gray, 255)
+    alpha[0, 0] = 0
+    Image.fromarray(np.stack([gray, alpha], -1), "LA").save(tmp_path / "la.png")
+    Image.fromarray(np.stack([gray, gray, gray, alpha], -1), "RGBA").save(tmp_path / "rgba.png")
+    for name in ("la.png", "rgba.png"):
+        with pytest.raises(InputError, match="transparent"):
+            io.read_disparity(tmp_path / name)
+    # An alpha channel that is opaque everywhere carries nothing: accepted.
+    Image.fromarray(np.stack([gray, np.full_like(gray, 255)], -1), "LA").save(tmp_path / "la_opaque.png")
+    np.testing.assert_allclose(io.read_disparity(tmp_path / "la_opaque.png")[0], gray / 255.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(1, 7), (7, 1), (1, 1, 7), (1, 7, 1), (1, 1)])
+def test_one_row_and_one_column_maps_keep_their_two_axes(tmp_path, shape):
+    d = np.linspace(0, 1, int(np.prod(shape)), dtype=np.float32).reshape(shape)
+    np.save(tmp_path / "d.npy", d)
+    out, _ = io.read_disparity(tmp_path / "d.npy")
+    want = tuple(s for i, s in enumerate(shape) if not (len(shape) == 3 and i == (0 if shape[0] == 1 else 2)))
+    assert out.shape == want
+    Image.fromarray((d.reshape(want) * 255).astype(np.uint8)).save(tmp_path / "d.png")
+    assert io.read_disparity(tmp_path / "d.png")[0].shape == want
+    assert io.read_image(tmp_path / "d.png").shape == (*want, 3)
+
+
+def test_a_text_file_named_npy_or_npz_says_what_it_is(tmp_path):
+    (tmp_path / "d.npy").write_text("0.1 0.2\n0.3 0.4\n")
+    with pytest.raises(InputError, match=r"not a \.npy file.*numpy\.save") as e:
+        io.read_disparity(tmp_path / "d.npy")
+    assert "pickle" not in str(e.value)
+    (tmp_path / "d.npz").write_text("0.1 0.2\n")
+    with pytest.raises(InputError, match=r"not a \.npz archive") as e:
+        io.read_disparity(tmp_path / "d.npz")
+    assert "pickle" not in str(e.value)
+
+
+def test_normalize_handles_values_near_the_float_limit(tmp_path):
+    import warnings
+
+    d = np.array([[-1e308, 0.0], [1e308, 1.7e308]])
+    np.save(tmp_path / "d.npy", d)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no raw RuntimeWarning from the arithmetic
+        out, notes = io.read_disparity(tmp_path / "d.npy", normalize=True)
+    assert np.isfinite(out).all() and out.min() == 0.0 and out.max() == 1.0
+    np.testing.assert_allclose(out.ravel(), (d.ravel() / 1e308 + 1) / 2.7, atol=1e-6)
+    assert not any("filled" in n for n in notes)
+
+
+def test_messages_say_what_is_wrong_in_the_users_terms(tmp_path):
+    (tmp_path / "folder.png").mkdir()
+    with pytest.raises(InputError, match="is a folder, not an image file"):
+        io.read_image(tmp_path / "folder.png")
+    (tmp_path / "folder.npy").mkdir()
+    with pytest.raises(InputError, match="is a folder, not a disparity file"):
+        io.read_disparity(tmp_path / "folder.npy")
+    np.save(tmp_path / "big.npy", np.array([[0.0, 2.0]]))
+    with pytest.raises(InputError, match="--normalize") as e:
+        io.read_disparity(tmp_path / "big.npy")
+    assert "normalize=True" not in str(e.value)

@@ -84,8 +84,15 @@ def test_losses_equal_torch_bce_with_label_smoothing(vgg):
     rng = np.random.default_rng(1)
     real, fake = (jnp.asarray(rng.uniform(-1, 1, (2, 16, 16, 3)), jnp.float32) for _ in range(2))
     params, spectral = init_discriminator(jax.random.key(1), 512, CFG)
-    loss, (new, parts) = discriminator_loss(params, spectral, vgg, real, fake, CFG)
-    feats = np.asarray(backbone_features(vgg, jnp.concatenate([real, fake]), CFG))
+
+    @jax.jit
+    def ours(params, spectral, vgg, real, fake):
+        loss, (new, parts) = discriminator_loss(params, spectral, vgg, real, fake, CFG)
+        g = generator_loss(params, new, vgg, fake, CFG)
+        return loss, new, parts, g, backbone_features(vgg, jnp.concatenate([real, fake]), CFG)
+
+    loss, new, parts, g, feats = ours(params, spectral, vgg, real, fake)
+    feats = np.array(feats)
     assert feats.shape == (4, 1, 1, 512)  # relu5_3 of 16x16 images: stride 16
     ref = torch_head(params, spectral).train()
     bce = torch.nn.BCEWithLogitsLoss()
@@ -98,7 +105,7 @@ def test_losses_equal_torch_bce_with_label_smoothing(vgg):
     np.testing.assert_allclose(float(loss), d_real + d_fake, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(new["fc1"]["u"]), ref[0].weight_u.numpy(), atol=1e-5)
 
-    g = float(generator_loss(params, new, vgg, fake, CFG))
+    g = float(g)
     ref.eval()
     with torch.no_grad():
         fake_logits = ref(torch.from_numpy(feats[2:]))[..., 0]
