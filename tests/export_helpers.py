@@ -17,7 +17,6 @@ from bokehdiff_jax.models.options import LoRAConfig
 from bokehdiff_jax.models.partition import SPEC_VAE_TRAINABLE
 from bokehdiff_jax.pisa.config import PisaConfig
 
-
 # The smallest SDXL-shaped pair (text_time conditioning, linear projections, SPEC's PISA layer
 # down_blocks.1.attentions.0 present): two levels, one layer each; compiles fastest in JAX.
 MINI_UNET = {
@@ -75,6 +74,7 @@ def random_trained(
     pisa: bool = True,
     seed: int = 0,
     targets=None,
+    lora_std: float = 0.3,
 ) -> Trained:
     """A trained model on ``base``: LoRA A and B random (B non-zero), VAE parts = base + noise, random
     prompt embeddings, SPEC's PISA placement (dense) or none."""
@@ -82,7 +82,7 @@ def random_trained(
     lora = LoRAConfig(rank=rank, alpha=alpha) if targets is None else LoRAConfig(rank, alpha, tuple(targets))
     rng = np.random.default_rng(seed)
     shapes = flatten(lora_shapes(unet_shapes(base), lora))
-    tree = unflatten({k: (0.3 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in shapes.items()})
+    tree = unflatten({k: (lora_std * rng.standard_normal(v.shape)).astype(np.float32) for k, v in shapes.items()})
     vae = unflatten(
         {
             k: v + (0.02 * rng.standard_normal(v.shape)).astype(np.float32)

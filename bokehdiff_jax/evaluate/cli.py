@@ -128,9 +128,10 @@ def run(args: argparse.Namespace) -> int:
         print(out / "index.html")
         return 0
 
+    from bokehdiff_jax.evaluate.datasets import SourceOptions, open_source
     from bokehdiff_jax.evaluate.methods import make_renderer, parse_method
     from bokehdiff_jax.evaluate.robustness import parse_ks
-    from bokehdiff_jax.evaluate.sources import HELDOUT_SEED, SourceOptions, open_source
+    from bokehdiff_jax.evaluate.sources import HELDOUT_SEED
 
     methods = [parse_method(t) for t in args.method]
     labels = [m.label for m in methods]

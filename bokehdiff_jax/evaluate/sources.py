@@ -10,7 +10,9 @@ Sources, named on the command line as ``--data SPEC``:
 - ``synth:DIR``: a ``bokehdiff-jax synth`` output folder (``data.items``).
 - ``ebb:DIR``: EBB! pairs (:class:`EbbSource`), e.g. its Val294 subset, with user-supplied disparity.
 - ``blb:DIR``: the BLB release of BokehMe (:class:`BlbSource`).
-- ``tfds:NAME``: a built TFDS dataset (``ebb_val294``, ``blb/level5``, ...; ``evaluate.tfds_builders``).
+- ``tfds:NAME``: a built TFDS dataset (``ebb_val294``, ``blb/level5``, ...): ``tfds_builders.TfdsSource``.
+
+``evaluate.datasets.open_source`` turns a spec into a source.
 
 Every example is an :class:`Example` in the project's conventions (SPEC section 1). Sources are
 sequences: ``len(source)``, ``source[i]``, loading lazily (one example in memory at a time).
@@ -455,55 +457,7 @@ class BlbSource:
         )
 
 
-# ---------------------------------------------------------------------------------- TFDS and resizing
-class TfdsSource:
-    """A built TFDS dataset of ``evaluate.tfds_builders`` (``ebb_val294``, ``blb/level5`` ...), split
-    ``test``. Records store an :class:`Example`'s fields; NaN focus/strength (an EBB! build without a
-    parameter file) take ``focus``/``strength``, and ``exposure_align`` applies to EBB! records."""
-
-    def __init__(
-        self,
-        name: str,
-        data_dir: str | os.PathLike,
-        *,
-        focus: float | None = None,
-        strength: float | None = None,
-        exposure_align: bool = True,
-    ) -> None:
-        import tensorflow_datasets as tfds
-
-        import bokehdiff_jax.evaluate.tfds_builders  # noqa: F401  (registers the builders)
-
-        try:
-            self._source = tfds.data_source(
-                name,
-                data_dir=os.fspath(data_dir),
-                split="test",
-                builder_kwargs={"file_format": "array_record"},
-            )
-        except Exception as e:  # TFDS raises many kinds for a missing or unbuilt dataset
-            raise InputError(f"tfds:{name} in {data_dir}: cannot open ({type(e).__name__}: {e})") from None
-        self.name, self.focus, self.strength, self.exposure_align = name, focus, strength, exposure_align
-        self.description = f"TFDS {name} ({len(self._source)} examples)"
-
-    def __len__(self) -> int:
-        return len(self._source)
-
-    def __getitem__(self, index: int) -> Example:
-        r = self._source[int(index)]
-        as01 = lambda x: _f32(x) / 255.0 if np.asarray(x).dtype == np.uint8 else _f32(x)
-        image, target = as01(r["image"]), as01(r["target"])
-        focus, strength = float(r["focus"]), float(r["strength"])
-        if math.isnan(focus) or math.isnan(strength):
-            if self.focus is None or self.strength is None:
-                raise InputError(f"tfds:{self.name} stores no focus/strength: give --focus and --strength")
-            focus, strength = float(self.focus), float(self.strength)
-        name = r["name"].decode() if isinstance(r["name"], bytes) else str(r["name"])
-        if self.exposure_align and self.name.startswith("ebb"):
-            image = exposure_align(image, target)
-        return Example(name, image, _f32(r["disparity"]), focus, strength, target)
-
-
+# ------------------------------------------------------------------------------------------ resizing
 class Resized:
     """``source`` with every example area-downscaled (never upscaled) so its longer side is at most
     ``max_side`` pixels; ``strength`` is scaled with the image (it is in pixels)."""
@@ -536,62 +490,3 @@ class Resized:
             ex.strength * scale,
             _f32(np.clip(chw(ex.target), 0, 1)),
         )
-
-
-@dataclasses.dataclass(frozen=True)
-class SourceOptions:
-    """Options of :func:`open_source` (the ``evaluate`` flags): the held-out set's ``count``, ``size``,
-    ``seed``; EBB!'s ``disparity_dir``, ``ids``, ``params``, ``focus``, ``strength``, ``exposure_align``,
-    ``normalize``, ``flip``; BLB's ``blb_level``, ``blb_focus_key``; TFDS's ``tfds_dir``; and ``max_side``
-    (downscale every example; ``None``: as stored)."""
-
-    count: int = 8
-    size: int = 128
-    seed: int = HELDOUT_SEED
-    base_strength: float | None = None
-    disparity_dir: str | None = None
-    ids: str | None = None
-    params: str | None = None
-    focus: float | None = None
-    strength: float | None = None
-    exposure_align: bool = True
-    normalize: bool = False
-    flip: bool = False
-    blb_level: int = 4
-    blb_focus_key: str = "disp_focus"
-    tfds_dir: str | None = None
-    max_side: int | None = None
-
-
-SOURCE_KINDS = ("heldout", "synth:DIR", "ebb:DIR", "blb:DIR", "tfds:NAME")
-
-
-def open_source(spec: str, options: SourceOptions = SourceOptions()) -> Source:
-    """The source named by ``spec`` (one of ``SOURCE_KINDS``; module doc), with ``options``."""
-    kind, _, arg = spec.partition(":")
-    o = options
-    if kind == "heldout" and not arg:
-        src: Source = HeldoutSynthetic(o.count, o.size, o.seed, base_strength=o.base_strength)
-    elif kind == "synth" and arg:
-        src = SynthFolder(arg)
-    elif kind == "ebb" and arg:
-        src = EbbSource(
-            arg,
-            disparity_dir=o.disparity_dir,
-            ids=o.ids,
-            params=o.params,
-            focus=o.focus,
-            strength=o.strength,
-            exposure_align=o.exposure_align,
-            normalize=o.normalize,
-            flip=o.flip,
-        )
-    elif kind == "blb" and arg:
-        src = BlbSource(arg, level=o.blb_level, focus_key=o.blb_focus_key)
-    elif kind == "tfds" and arg:
-        if o.tfds_dir is None:
-            raise InputError("--data tfds:NAME needs --tfds-dir (where the dataset was built)")
-        src = TfdsSource(arg, o.tfds_dir, focus=o.focus, strength=o.strength, exposure_align=o.exposure_align)
-    else:
-        raise InputError(f"--data {spec!r}: expected one of {', '.join(SOURCE_KINDS)}")
-    return Resized(src, o.max_side) if o.max_side else src

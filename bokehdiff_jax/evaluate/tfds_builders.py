@@ -20,6 +20,7 @@ and evaluate with ``bokehdiff-jax evaluate --data tfds:blb/level5 --tfds-dir ~/t
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from bokehdiff_jax.errors import InputError
-from bokehdiff_jax.evaluate.sources import BlbSource, EbbSource, Example
+from bokehdiff_jax.evaluate.sources import BlbSource, EbbSource, Example, exposure_align
 
 
 class _Benchmark(tfds.core.GeneratorBasedBuilder):
@@ -129,6 +130,50 @@ class Blb(_Benchmark):
 
     def _source(self, folder: Path) -> BlbSource:
         return BlbSource(folder, level=int(self.builder_config.name.removeprefix("level")) - 1)
+
+
+class TfdsSource:
+    """A built TFDS dataset of this module's builders (``ebb_val294``, ``blb/level5`` ...), split
+    ``test``. Records store an :class:`Example`'s fields; NaN focus/strength (an EBB! build without a
+    parameter file) take ``focus``/``strength``, and ``exposure_align`` applies to EBB! records."""
+
+    def __init__(
+        self,
+        name: str,
+        data_dir: str | os.PathLike,
+        *,
+        focus: float | None = None,
+        strength: float | None = None,
+        exposure_align: bool = True,
+    ) -> None:
+        try:
+            self._source = tfds.data_source(
+                name,
+                data_dir=os.fspath(data_dir),
+                split="test",
+                builder_kwargs={"file_format": "array_record"},
+            )
+        except Exception as e:  # TFDS raises many kinds for a missing or unbuilt dataset
+            raise InputError(f"tfds:{name} in {data_dir}: cannot open ({type(e).__name__}: {e})") from None
+        self.name, self.focus, self.strength, self.exposure_align = name, focus, strength, exposure_align
+        self.description = f"TFDS {name} ({len(self._source)} examples)"
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> Example:
+        r = self._source[int(index)]
+        as01 = lambda x: np.asarray(x, np.float32) / (255.0 if np.asarray(x).dtype == np.uint8 else 1.0)
+        image, target = as01(r["image"]), as01(r["target"])
+        focus, strength = float(r["focus"]), float(r["strength"])
+        if math.isnan(focus) or math.isnan(strength):
+            if self.focus is None or self.strength is None:
+                raise InputError(f"tfds:{self.name} stores no focus/strength: give --focus and --strength")
+            focus, strength = float(self.focus), float(self.strength)
+        name = r["name"].decode() if isinstance(r["name"], bytes) else str(r["name"])
+        if self.exposure_align and self.name.startswith("ebb"):
+            image = exposure_align(image, target)
+        return Example(name, image, np.asarray(r["disparity"], np.float32), focus, strength, target)
 
 
 def build(name: str, manual_dir: str | os.PathLike, data_dir: str | os.PathLike) -> tfds.core.DatasetBuilder:

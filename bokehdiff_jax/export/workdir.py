@@ -4,7 +4,7 @@ The layout is ``train.checkpoint``'s: ``WORKDIR/checkpoints/<step>/state`` (the 
 ``params["model"]``, the trainable model tree, is read, as NumPy, by a partial orbax restore: the optimiser
 state is never loaded) and ``WORKDIR/checkpoints/<step>/config`` (the run's resolved config as JSON),
 from which the architecture, LoRA, VAE parts, PISA placement and timestep are rebuilt exactly as the
-trainer built them (``train.objective``, ``train.build.architecture``).
+trainer built them (``train.build.architecture``, ``train.objective.build_model``).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from bokehdiff_jax.convert.importers import base_reference, prompt_for_base
 from bokehdiff_jax.convert.prompt import FIXED_PROMPT
 from bokehdiff_jax.convert.trained import RANDOM, ModelSpec, Trained
 from bokehdiff_jax.errors import InputError
-from bokehdiff_jax.models.attention import AttentionRouting
 
 CHECKPOINTS = "checkpoints"
 
@@ -76,7 +75,7 @@ def trained_from_workdir(
     """The trained model of a workdir's checkpoint (``step``: default the latest)."""
     from bokehdiff_jax.train.build import architecture
     from bokehdiff_jax.train.config import config_from_json
-    from bokehdiff_jax.train.objective import partition_config, pisa_config
+    from bokehdiff_jax.train.objective import build_model
 
     ckpt = checkpoint_dir(path, step)
     try:
@@ -94,13 +93,14 @@ def trained_from_workdir(
         raise InputError(
             f"{ckpt}: the run's base {base} is not here (its architecture and prompt come from it)"
         )
+    model = build_model(config, unet_config, vae_config)  # the trainer's own reading of its config
     spec = ModelSpec(
         unet_config=unet_config,
         vae_config=vae_config,
-        lora=partition_config(config).lora,
+        lora=model.unet.lora,
         vae_parts=tuple(config.vae_parts),
-        routing=AttentionRouting(tuple(config.model.pisa_paths), pisa_config(config)),
-        timestep=int(config.model.timestep),
+        routing=model.unet.routing,
+        timestep=model.schedule.timestep,
         prompt=FIXED_PROMPT,
         base={"path": RANDOM, "fingerprint": None} if base == RANDOM else base_reference(base, fingerprint),
     )

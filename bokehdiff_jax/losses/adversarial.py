@@ -27,7 +27,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from bokehdiff_jax.losses.config import AdversarialConfig
@@ -101,14 +100,11 @@ def init_discriminator(key: jax.Array, in_features: int, config: AdversarialConf
     "v": [hidden]}}``, random unit vectors refined by ``config.sn_init_iterations`` power iterations.
     The same key gives the same result.
     """
-    # Host-side: two draws from the key (uniform weights, normal vectors), then NumPy. A one-off at
-    # init; eager JAX would compile a kernel per new shape for every primitive of the loop below.
+    # Pure JAX (traceable: trainers build abstract states with jax.eval_shape), two random draws.
     dims = ((in_features, config.hidden), (config.hidden, 1))
-    n_uniform = sum(i * o + o for i, o in dims)
-    n_normal = sum(i + o for i, o in dims)
     k_uniform, k_normal = jax.random.split(key)
-    uniform = np.asarray(jax.random.uniform(k_uniform, (n_uniform,), jnp.float32, -1.0, 1.0))
-    normal = np.asarray(jax.random.normal(k_normal, (n_normal,), jnp.float32))
+    uniform = jax.random.uniform(k_uniform, (sum(i * o + o for i, o in dims),), jnp.float32, -1.0, 1.0)
+    normal = jax.random.normal(k_normal, (sum(i + o for i, o in dims),), jnp.float32)
     params: Params = {}
     spectral: Params = {}
     for name, (fan_in, fan_out) in zip(("fc1", "fc2"), dims, strict=True):
@@ -119,15 +115,9 @@ def init_discriminator(key: jax.Array, in_features: int, config: AdversarialConf
         )
         bias, uniform = uniform[:fan_out] * bound, uniform[fan_out:]
         u, v, normal = normal[:fan_out], normal[fan_out : fan_out + fan_in], normal[fan_out + fan_in :]
-        w = kernel.astype(np.float64).T
-        u, v = u / max(np.linalg.norm(u), _NORM_EPS), v / max(np.linalg.norm(v), _NORM_EPS)
-        for _ in range(config.sn_init_iterations):
-            v = w.T @ u
-            v = v / max(np.linalg.norm(v), _NORM_EPS)
-            u = w @ v
-            u = u / max(np.linalg.norm(u), _NORM_EPS)
-        params[name] = {"kernel": jnp.asarray(kernel, jnp.float32), "bias": jnp.asarray(bias, jnp.float32)}
-        spectral[name] = {"u": jnp.asarray(u, jnp.float32), "v": jnp.asarray(v, jnp.float32)}
+        u, v = power_iteration(kernel, _l2_normalize(u), _l2_normalize(v), config.sn_init_iterations)
+        params[name] = {"kernel": kernel, "bias": bias}
+        spectral[name] = {"u": u, "v": v}
     return params, spectral
 
 

@@ -81,6 +81,8 @@ def lpips_distance(
         raise ValueError(
             f"lpips_distance: expected two [B, H, W, 3] images, got {x_bhwc.shape}, {y_bhwc.shape}"
         )
+    if min(x_bhwc.shape[1:3]) < 16:  # four 2x2 poolings before relu5_3: fewer pixels leave it empty
+        raise ValueError(f"lpips_distance: images must be at least 16x16 pixels, got {x_bhwc.shape[1:3]}")
     b = x_bhwc.shape[0]
     taps = vgg16_taps(params["vgg"], jnp.concatenate([x_bhwc, y_bhwc], axis=0), dtype)
     total = jnp.zeros((b,), jnp.float32)

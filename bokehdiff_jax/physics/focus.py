@@ -60,6 +60,8 @@ def focus_at(disparity: np.ndarray, x: int, y: int, window: int = TAP_WINDOW) ->
 
 def focus_in_box(disparity: np.ndarray, x0: int, y0: int, x1: int, y1: int) -> float:
     """The median disparity inside the box ``[x0, x1) x [y0, y1)`` (columns, rows); clipped to the image."""
+    if x1 <= x0 or y1 <= y0:
+        raise InputError(f"focus box {x0},{y0},{x1},{y1} is empty or inverted: need X0 < X1 and Y0 < Y1")
     return _window_median(disparity, x0, y0, x1, y1)
 
 

@@ -281,7 +281,7 @@ def _trace_cells(rgba, planes, focus, strength, config, crop):
     prem = _prepare(rgba.astype(jnp.float32), config.gamma)
     table = _tables(prem)
     c0, a, b = _plane_terms(planes.astype(jnp.float32), focus, h, w)
-    base = (jnp.arange(n_layers, dtype=jnp.int32) * ((h + 1) * (w + 1)))[:, None, None, None]
+    base = jnp.arange(n_layers, dtype=jnp.int32) * ((h + 1) * (w + 1))  # each layer's first table row
     # Layer presence: an exact count of pixels with any alpha, to skip layers absent near a tile.
     present = jnp.pad((prem[..., 3] > 0).astype(jnp.int32), ((0, 0), (1, 0), (1, 0)))
     present = jnp.cumsum(jnp.cumsum(present, axis=1), axis=2)  # [L, H + 1, W + 1]
@@ -302,15 +302,17 @@ def _trace_cells(rgba, planes, focus, strength, config, crop):
             c0[:, None, None] + a[:, None, None] * xs[None, None, :] + b[:, None, None] * ys[None, :, None]
         )
         radius = coc_radius(corners, 0.0, strength).max(axis=(1, 2))  # [L]
-        # A layer matters if it has any alpha within its CoC (plus a cell) of the tile.
-        reach = jnp.ceil(radius + config.cell_px + 1.0).astype(jnp.int32)
+        # A layer matters if it has any alpha within reach of the tile: its CoC plus a footprint (at
+        # most the CoC again). The back layer always does (its coverage normalises).
+        reach = jnp.ceil(2.0 * radius + 2.0).astype(jnp.int32)
         ya = jnp.clip(top + ty * t - reach, 0, h)
         yb = jnp.clip(top + ty * t + t + reach, 0, h)
         xa = jnp.clip(left + tx * t - reach, 0, w)
         xb = jnp.clip(left + tx * t + t + reach, 0, w)
         li = jnp.arange(n_layers)
         count = present[li, yb, xb] - present[li, ya, xb] - present[li, yb, xa] + present[li, ya, xa]
-        r_tile = jnp.max(jnp.where(count > 0, radius, 0.0))
+        relevant = (count > 0) | (li == 0)
+        r_tile = jnp.max(jnp.where(relevant, radius, 0.0))
         # Footprints of at most cell_px pixels, and a grid of at least min_grid cells across the disc
         # (fewer only while a cell stays under a pixel): the rim cells then draw a round CoC.
         need = jnp.maximum(
@@ -322,9 +324,10 @@ def _trace_cells(rgba, planes, focus, strength, config, crop):
 
         num = c0[:, None, None] + a[:, None, None] * px[None, None, :] + b[:, None, None] * py[None, :, None]
 
-        def body(carry):
+        def trace(carry, size):
+            """Adds cells ``k0 .. k0 + size`` (those below ``n_cells``) to the sums."""
             k0, c_sum, a_sum = carry
-            k = k0 + jnp.arange(chunk, dtype=jnp.int32)
+            k = k0 + jnp.arange(size, dtype=jnp.int32)
             centre, half, weight = _cells(m, jnp.minimum(k, n_cells - 1), first, counts)
             weight = jnp.where(k < n_cells, weight, 0.0)
             ux, uy = centre[:, 0], centre[:, 1]
@@ -341,14 +344,29 @@ def _trace_cells(rgba, planes, focus, strength, config, crop):
             jy = kg * (1.0 + strength * (uy[None] * b[:, None] / den)[..., None, None])
             ex = jnp.clip(jnp.abs(jx) * half[None, :, 0, None, None], _MIN_HALF_BOX, _MAX_HALF_BOX)
             ey = jnp.clip(jnp.abs(jy) * half[None, :, 1, None, None], _MIN_HALF_BOX, _MAX_HALF_BOX)
-            looked = _box_mean(table, base, w, h, x, y, ex, ey)  # [L, C, T, T, 4]
-            colour, cover = _composite_front_to_back(looked)
+
+            def look(layer):
+                return _box_mean(table, base[layer], w, h, x[layer], y[layer], ex[layer], ey[layer])
+
+            looked = [look(0)]  # [C, T, T, 4] per layer; a layer absent near the tile is not read
+            for layer in range(1, n_layers):
+                looked.append(
+                    jax.lax.cond(
+                        relevant[layer],
+                        functools.partial(look, layer),
+                        lambda: jnp.zeros((size, t, t, 4), jnp.float32),
+                    )
+                )
+            colour, cover = _composite_front_to_back(jnp.stack(looked))
             c_sum = c_sum + jnp.einsum("c,cyxk->yxk", weight, colour)
             a_sum = a_sum + jnp.einsum("c,cyx->yx", weight, cover)
-            return k0 + chunk, c_sum, a_sum
+            return k0 + size, c_sum, a_sum
 
-        init = (jnp.int32(0), jnp.zeros((t, t, 3), jnp.float32), jnp.zeros((t, t), jnp.float32))
-        _, c_sum, a_sum = jax.lax.while_loop(lambda c: c[0] < n_cells, body, init)
+        # Whole chunks, then the rest in small ones (a tile in focus has one cell, not a chunk).
+        small = max(1, chunk // 4)
+        carry = (jnp.int32(0), jnp.zeros((t, t, 3), jnp.float32), jnp.zeros((t, t), jnp.float32))
+        carry = jax.lax.while_loop(lambda c: c[0] + chunk <= n_cells, lambda c: trace(c, chunk), carry)
+        _, c_sum, a_sum = jax.lax.while_loop(lambda c: c[0] < n_cells, lambda c: trace(c, small), carry)
         return c_sum, a_sum, n_cells
 
     c_sum, a_sum, rays = jax.lax.map(tile_fn, jnp.arange(n_ty * n_tx, dtype=jnp.int32))

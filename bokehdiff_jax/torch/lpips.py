@@ -41,8 +41,11 @@ class LPIPSVGG(torch.nn.Module):
         self.register_buffer("scale", torch.tensor(SCALE).reshape(1, 3, 1, 1))
 
     @classmethod
-    def from_cache(cls, path: str | os.PathLike | None = None) -> LPIPSVGG:
-        """From the verified weight cache (Flax layout, converted here: HWIO -> OIHW)."""
+    def from_cache(
+        cls, path: str | os.PathLike | None = None, heads: Mapping[str, torch.Tensor] | None = None
+    ) -> LPIPSVGG:
+        """From the verified weight cache (Flax layout, converted here: HWIO -> OIHW). ``heads`` replaces
+        the cached linear heads (e.g. with the ``lpips`` package's own ``v0.1/vgg.pth``)."""
         flat = load_lpips_weights(path)
         convs: dict[str, torch.Tensor] = {}
         for name, _ in VGG16_CONVS:
@@ -50,7 +53,8 @@ class LPIPSVGG(torch.nn.Module):
                 np.transpose(flat[f"vgg/{name}/kernel"], (3, 2, 0, 1)).copy()
             )
             convs[f"{name}.bias"] = torch.from_numpy(flat[f"vgg/{name}/bias"].copy())
-        heads = {tap: torch.from_numpy(flat[f"heads/{tap}"].copy()) for tap in LPIPS_TAPS}
+        if heads is None:
+            heads = {tap: torch.from_numpy(flat[f"heads/{tap}"].copy()) for tap in LPIPS_TAPS}
         return cls(convs, heads)
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:

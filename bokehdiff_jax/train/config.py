@@ -12,6 +12,7 @@ and PISA placements), so a config file's ``:arg`` changes one word, not code.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import importlib.util
 import json
 import math
@@ -20,12 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import ml_collections
-from ml_collections import config_dict
 
 from bokehdiff_jax.errors import InputError
 from bokehdiff_jax.models.attention import SPEC_PISA_PATHS
 from bokehdiff_jax.models.options import SPEC_LORA_TARGETS
 from bokehdiff_jax.models.partition import SPEC_VAE_TRAINABLE
+from bokehdiff_jax.pisa.config import PisaConfig
 
 CONFIG_JSON = "config.json"
 # Every config holds at least these (issue 9), with these names.
@@ -81,18 +82,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.vae = "sdxl"
     c.model.remat = True  # recompute U-Net blocks in the backward pass
     c.model.timestep = 499  # the one-step model's fixed T
-    c.model.pisa_paths = SPEC_PISA_PATHS  # fnmatch patterns over diffusers attention paths; () = none
-    c.model.pisa = ml_collections.ConfigDict()
-    c.model.pisa.softmax_q = True
-    c.model.pisa.coc = True
-    c.model.pisa.occlusion = True
-    c.model.pisa.segments = 7
-    c.model.pisa.supersample = 5
-    c.model.pisa.dropout = 0.1  # the released code's; training only
-    c.model.pisa.train_occlusion_clamp = config_dict.placeholder(float)  # released: 0.99; None: off
-    c.model.pisa.impl = "blockwise"
-    c.model.pisa.block_q = 128
-    c.model.pisa.block_k = 128
+
+    # PISA: where (fnmatch patterns over diffusers attention paths; () = nowhere) and how (every
+    # PisaConfig field; the released dropout in training, one home for the other defaults).
+    c.pisa_paths = SPEC_PISA_PATHS
+    c.pisa = ml_collections.ConfigDict(dataclasses.asdict(PisaConfig(dropout=0.1)))
 
     c.lora = ml_collections.ConfigDict()
     c.lora.rank = 8
@@ -172,23 +166,23 @@ def _set(**values: Any) -> Callable[[ml_collections.ConfigDict], None]:
 
 # The paper's ablations (Table 3) and PISA placements: `--config configs/X.py:name[,name...]`.
 VARIANTS: dict[str, tuple[Callable[[ml_collections.ConfigDict], None], str]] = {
-    "no_occlusion": (_set(model__pisa__occlusion=False), "PISA without the visibility term (Eq. 8-9)"),
-    "no_coc": (_set(model__pisa__coc=False), "PISA without the CoC mask (Eq. 5-6)"),
-    "no_softmax_q": (_set(model__pisa__softmax_q=False), "PISA normalised over keys, not queries"),
-    "vanilla_attention": (_set(model__pisa_paths=()), "no PISA anywhere: SDXL's attention"),
+    "no_occlusion": (_set(pisa__occlusion=False), "PISA without the visibility term (Eq. 8-9)"),
+    "no_coc": (_set(pisa__coc=False), "PISA without the CoC mask (Eq. 5-6)"),
+    "no_softmax_q": (_set(pisa__softmax_q=False), "PISA normalised over keys, not queries"),
+    "vanilla_attention": (_set(pisa_paths=()), "no PISA anywhere: SDXL's attention"),
     "no_adversarial": (_set(losses__adversarial=0.0), "no adversarial term"),
     "no_edge": (_set(losses__edge=0.0), "no edge loss"),
     "no_lpips": (_set(losses__lpips=0.0), "no LPIPS term"),
     "pisa_down": (
-        _set(model__pisa_paths=("down_blocks.*.attn1",)),
+        _set(pisa_paths=("down_blocks.*.attn1",)),
         "PISA in every down-block self-attention",
     ),
-    "pisa_mid": (_set(model__pisa_paths=("mid_block.*.attn1",)), "PISA in the mid-block self-attentions"),
-    "pisa_up": (_set(model__pisa_paths=("up_blocks.*.attn1",)), "PISA in every up-block self-attention"),
-    "pisa_all": (_set(model__pisa_paths=("*.attn1",)), "PISA in every self-attention"),
+    "pisa_mid": (_set(pisa_paths=("mid_block.*.attn1",)), "PISA in the mid-block self-attentions"),
+    "pisa_up": (_set(pisa_paths=("up_blocks.*.attn1",)), "PISA in every up-block self-attention"),
+    "pisa_all": (_set(pisa_paths=("*.attn1",)), "PISA in every self-attention"),
     "released": (
         _set(
-            losses__adversarial=0.1, losses__edge_variant="released", model__pisa__train_occlusion_clamp=0.99
+            losses__adversarial=0.1, losses__edge_variant="released", pisa__train_occlusion_clamp=0.99
         ),
         "the released script's loss weights, edge variant and occlusion clamp",
     ),

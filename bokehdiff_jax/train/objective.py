@@ -44,19 +44,8 @@ def compute_dtype(config: ml_collections.ConfigDict) -> Any:
 
 
 def pisa_config(config: ml_collections.ConfigDict) -> PisaConfig:
-    p = config.model.pisa
-    return PisaConfig(
-        softmax_q=p.softmax_q,
-        coc=p.coc,
-        occlusion=p.occlusion,
-        segments=p.segments,
-        supersample=p.supersample,
-        dropout=p.dropout,
-        train_occlusion_clamp=p.train_occlusion_clamp,
-        impl=p.impl,
-        block_q=p.block_q,
-        block_k=p.block_k,
-    )
+    """``PisaConfig`` from the config's ``pisa`` group (every field of it, by name)."""
+    return PisaConfig(**config.pisa.to_dict())
 
 
 def partition_config(config: ml_collections.ConfigDict) -> PartitionConfig:
@@ -93,7 +82,7 @@ def build_model(
     return BokehDiff.create(
         unet_config,
         vae_config,
-        routing=AttentionRouting(pisa_paths=tuple(config.model.pisa_paths), pisa=pisa_config(config)),
+        routing=AttentionRouting(pisa_paths=tuple(config.pisa_paths), pisa=pisa_config(config)),
         lora=partition_config(config).unet_lora,
         remat=config.model.remat,
         dtype=dtype,

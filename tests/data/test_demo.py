@@ -1,6 +1,9 @@
 """A fast smoke test of ``bokehdiff-jax demo`` with tiny settings."""
 
+import json
 import re
+
+import pytest
 
 import bokehdiff_jax.cli
 
@@ -25,6 +28,11 @@ def test_demo_tiny(tmp_path, monkeypatch):
     # atomic: no temporary folder left beside the output
     assert [p.name for p in tmp_path.iterdir()] == ["demo"]
     assert bokehdiff_jax.cli.main(argv[:3] + ["--stack", "0"]) == 2
+    # Our marker proves the folder is an earlier demo; a file a user added to it is never deleted.
+    assert json.loads((out / "demo.json").read_text())["format"] == "bokehdiff_jax.demo"
+    (out / "my_notes.txt").write_text("keep me")
+    assert bokehdiff_jax.cli.main(argv) == 2
+    assert (out / "my_notes.txt").read_text() == "keep me" and (out / "index.html").read_text() == page
 
 
 def test_demo_refuses_to_replace_a_file_or_a_users_folder(tmp_path, monkeypatch, capsys):
@@ -40,5 +48,25 @@ def test_demo_refuses_to_replace_a_file_or_a_users_folder(tmp_path, monkeypatch,
     assert (mine / "thesis.tex").read_text() == "keep me" and len(list(mine.iterdir())) == 1
     assert (tmp_path / "photo.png").read_bytes() == b"keep me too"
     assert bokehdiff_jax.cli.main(["demo", "--out", str(tmp_path / "d"), "--strength", "nan"]) == 2
-    assert capsys.readouterr().err.startswith("error: --samples, --procedural and --strength")
+    assert "argument --strength: must be a finite number" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "photo.png"]
+    # Named like a demo's files, but without our marker: a user's folder all the same.
+    lookalike = tmp_path / "site"
+    lookalike.mkdir()
+    (lookalike / "index.html").write_text("<html>my homepage</html>")
+    assert bokehdiff_jax.cli.main(["demo", "--out", str(lookalike)]) == 2
+    assert "not an earlier demo" in capsys.readouterr().err
+    assert (lookalike / "index.html").read_text() == "<html>my homepage</html>"
+
+
+@pytest.mark.parametrize(
+    "flag,value",
+    [("--synth-size", 8), ("--rays-max", 0), ("--seed", -1), ("--stack", 100000), ("--image-size", 10**6),
+     ("--samples", -1), ("--strength", "inf"), ("--procedural", 10**6)],
+)  # fmt: skip
+def test_demo_numbers_are_range_checked_before_work(tmp_path, monkeypatch, capsys, flag, value):
+    monkeypatch.setattr(bokehdiff_jax.cli, "COMMANDS", {"demo": bokehdiff_jax.cli.COMMANDS["demo"]})
+    assert bokehdiff_jax.cli.main(["demo", "--out", str(tmp_path / "d"), flag, str(value)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and flag in err and "rays_min" not in err, err
+    assert list(tmp_path.iterdir()) == []

@@ -11,6 +11,7 @@ from eval_fixtures import write_blb, write_ebb
 
 from bokehdiff_jax.data.samples import BACKGROUNDS
 from bokehdiff_jax.errors import InputError
+from bokehdiff_jax.evaluate.datasets import SourceOptions, open_source
 from bokehdiff_jax.evaluate.sources import (
     HELDOUT_BACKGROUNDS,
     BlbSource,
@@ -18,9 +19,7 @@ from bokehdiff_jax.evaluate.sources import (
     Example,
     HeldoutSynthetic,
     Resized,
-    SourceOptions,
     exposure_align,
-    open_source,
 )
 from bokehdiff_jax.io.images import read_image
 

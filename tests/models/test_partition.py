@@ -2,6 +2,8 @@
 what peft and diffusers have on the full SDXL, the trees share their leaves, and a training step
 moves the trainable tree only."""
 
+import functools
+
 import diffusers
 import jax
 import jax.numpy as jnp
@@ -153,7 +155,8 @@ def test_a_training_step_moves_the_trainable_tree_only():
     target = np.clip(image + 0.1, -1, 1)
     opt = optax.adam(1e-3)
 
-    @jax.jit
+    # LLVM's optimisation passes dominate the CPU compile here; the values are not what this tests.
+    @functools.partial(jax.jit)
     def step(trainable, opt_state, frozen):
         def loss_fn(t):
             return jnp.mean((model.apply(merge(t, frozen), image, disparity, 0.5, 6.0) - target) ** 2)

@@ -86,7 +86,13 @@ def test_focal_stack_writes_images_and_contact_sheet(main, inputs, capsys):
     )
     assert rc == 0
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["contact_sheet.png", "focus_00_d0.200.png", "focus_01_d0.500.png", "focus_02_d0.800.png"]
+    assert names == [
+        "contact_sheet.png",
+        "focal_stack.json",  # the marker: proves the folder is a stack we wrote (and lists what)
+        "focus_00_d0.200.png",
+        "focus_01_d0.500.png",
+        "focus_02_d0.800.png",
+    ]
     sheet = io.read_image(out / "contact_sheet.png")
     assert sheet.shape[0] > 100 and sheet.shape[1] > 2 * 256  # 2 x 2 grid of 256 px tiles with labels
     assert [p.name for p in root.iterdir() if p.name.startswith(".")] == []  # no temporaries left
@@ -182,7 +188,7 @@ def test_focal_stack_never_replaces_a_users_folder(main, inputs, capsys):
     stack = root / "stack"
     assert main(*args, "--out", stack) == 0
     assert main(*args, "--out", stack, "--strength", 4) == 0
-    assert len(list(stack.iterdir())) == 3
+    assert len(list(stack.iterdir())) == 4  # 2 renders, the contact sheet, the marker
 
 
 def test_outputs_get_the_umask_mode_and_unwritable_out_is_an_error(main, inputs, capsys):

@@ -18,12 +18,13 @@ from bokehdiff_jax.models.bokehdiff import BokehDiff
 from bokehdiff_jax.models.partition import merge, split
 from bokehdiff_jax.torch.pipeline import BokehDiffPipeline
 
-H, W = 22, 30  # not multiples of the VAE's factor (4 here): padding and cropping are exercised
+# Odd sides (the mini VAE's factor is 2): padding and cropping are exercised; the PISA grid is 5 x 7.
+H, W = 17, 25
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    return write_base(tmp_path_factory.mktemp("base"))
+    return write_base(tmp_path_factory.mktemp("base"), "mini")
 
 
 @pytest.fixture(scope="module")
@@ -53,24 +54,36 @@ def _jax_output(trained, base_variables, inputs):
 
 @pytest.mark.parametrize("pisa", [True, False], ids=["pisa", "vanilla"])
 def test_pytorch_pipeline_matches_the_jax_one_step_model(base, base_variables, tmp_path, pisa):
-    trained = random_trained(base, rank=4, alpha=8.0, pisa=pisa, seed=3)
+    trained = random_trained(base, rank=4, alpha=8.0, pisa=pisa, seed=3, lora_std=0.1)
     trained.spec.base["fingerprint"] = base_fingerprint(base)
     export_model(trained, tmp_path / "exp")
     pipe = BokehDiffPipeline.from_export(tmp_path / "exp", base=base)
-    assert pipe.unet.get_submodule(
-        "down_blocks.1.attentions.0.transformer_blocks.0.attn1"
-    ).processor.__class__.__name__ == ("PisaAttnProcessor" if pisa else "AttnProcessor2_0")
+    layer = pipe.unet.get_submodule("down_blocks.1.attentions.0.transformer_blocks.0.attn1")
+    assert type(layer.processor).__name__ == ("PisaAttnProcessor" if pisa else "AttnProcessor2_0")
     img, disp, f, s = _inputs()
     want = _jax_output(trained, base_variables, (img, disp, f, s))
-    got = pipe(torch.from_numpy(img.transpose(0, 3, 1, 2).copy()), torch.from_numpy(disp), torch.from_numpy(f),
-               torch.from_numpy(s)).numpy().transpose(0, 2, 3, 1)  # fmt: skip
+    nchw = torch.from_numpy(img.transpose(0, 3, 1, 2).copy())
+    got = pipe(nchw, torch.from_numpy(disp), torch.from_numpy(f), torch.from_numpy(s)).numpy()
+    got = got.transpose(0, 2, 3, 1)
     assert got.shape == want.shape == (2, H, W, 3)
     err = float(np.abs(got - want).max() / np.abs(want).max())
     print(f"PISA {'on' if pisa else 'off'}: max |torch - jax| / max |jax| = {err:.2e}")
     assert err <= 1e-4
     # The same call again gives the same image (no randomness anywhere at inference).
-    again = pipe(torch.from_numpy(img.transpose(0, 3, 1, 2).copy()), torch.from_numpy(disp), f, s)
+    again = pipe(nchw, torch.from_numpy(disp), f, s)
     np.testing.assert_array_equal(again.numpy().transpose(0, 2, 3, 1), got)
+    # Neither the LoRA nor PISA is a no-op here: switching either off changes the image.
+    pipe.unet.disable_adapters()
+    assert np.abs(pipe(nchw, disp, f, s).numpy().transpose(0, 2, 3, 1) - got).max() > 1e-2 * np.abs(got).max()
+    pipe.unet.enable_adapters()
+    if pisa:
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        layer.set_processor(AttnProcessor2_0())
+        assert (
+            np.abs(pipe(nchw, disp, f, s).numpy().transpose(0, 2, 3, 1) - got).max()
+            > 1e-3 * np.abs(got).max()
+        )
 
 
 def test_from_export_checks_the_base_and_its_inputs(base, tmp_path):
