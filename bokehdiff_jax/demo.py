@@ -23,28 +23,45 @@ from pathlib import Path
 import numpy as np
 
 from bokehdiff_jax.errors import InputError
+from bokehdiff_jax.io.flags import float_in, int_in
 
-# Every name the demo writes into its folder (an earlier demo there may be replaced, nothing else).
+# Every name the demo writes into its folder, and the marker proving a folder is an earlier demo: only
+# such a folder, holding nothing else, is replaced.
 DEMO_FILES = (
     r"index\.html|samples\.json|inputs|motorcycle(_disparity)?\.png|stack_\d+\.png|sample_\d+_[a-z]+\.png"
 )
+DEMO_MARKER, DEMO_FORMAT = "demo.json", "bokehdiff_jax.demo"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="outputs/demo", help="output folder (outputs/demo)")
+    parser.add_argument(
+        "--out",
+        default="outputs/demo",
+        help="output folder; an existing one is replaced only if it is an earlier demo (outputs/demo)",
+    )
     parser.add_argument(
         "--image-size",
-        type=int,
+        type=int_in(8, 4096),
         default=384,
-        help="longer side of the motorcycle after downscaling, px (384)",
+        help="longer side of the motorcycle after downscaling, 8..4096 px (384)",
     )
-    parser.add_argument("--stack", type=int, default=5, help="focal-stack length (5)")
-    parser.add_argument("--strength", type=float, default=12.0, help="focal-stack blur K, px (12)")
-    parser.add_argument("--synth-size", type=int, default=256, help="synthesized canvas side, px (256)")
-    parser.add_argument("--samples", type=int, default=6, help="synthesized training pairs (6)")
-    parser.add_argument("--rays-max", type=int, default=64, help="cap on rays per pixel (64)")
-    parser.add_argument("--procedural", type=int, default=3, help="procedural foregrounds (3)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the synthesized set (0)")
+    parser.add_argument("--stack", type=int_in(1, 64), default=5, help="focal-stack length, 1..64 (5)")
+    parser.add_argument(
+        "--strength", type=float_in(0, 256), default=12.0, help="focal-stack blur K, 0..256 px (12.0)"
+    )
+    parser.add_argument(
+        "--synth-size", type=int_in(16, 2048), default=256, help="synthesized canvas side, 16..2048 px (256)"
+    )
+    parser.add_argument(
+        "--samples", type=int_in(0, 1000), default=6, help="synthesized training pairs, 0..1000 (6)"
+    )
+    parser.add_argument(
+        "--rays-max", type=int_in(1, 4096), default=64, help="cap on rays per pixel, 1..4096 (64)"
+    )
+    parser.add_argument(
+        "--procedural", type=int_in(0, 100), default=3, help="procedural foregrounds, 0..100 (3)"
+    )
+    parser.add_argument("--seed", type=int_in(0), default=0, help="seed of the synthesized set, >= 0 (0)")
 
 
 def _save(path: Path, x: np.ndarray) -> str:
@@ -182,6 +199,7 @@ def build(out: Path, args: argparse.Namespace) -> dict:
     }
     sections.append(("Run", f"<pre>{html.escape(json.dumps(summary, indent=1))}</pre>"))
     (out / "index.html").write_text(_page(sections))
+    (out / DEMO_MARKER).write_text(json.dumps({"format": DEMO_FORMAT, **summary}, indent=1) + "\n")
     return summary
 
 
@@ -202,16 +220,17 @@ def synth_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from bokehdiff_jax.io.atomic import atomic_path, check_output_folder
+    import sys
 
-    for name in ("image_size", "stack", "synth_size", "rays_max"):
-        if getattr(args, name) < 1:
-            raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.samples < 0 or args.procedural < 0 or not (0 <= args.strength < float("inf")):
-        raise InputError("--samples, --procedural and --strength must be >= 0")
-    synth_config(args)  # checked before any work
+    from bokehdiff_jax.io.atomic import atomic_path, check_replaceable, check_writable, recover, sweep_stale
+
+    synth_config(args)  # every flag checked before any work (each one's range by the parser)
     out = Path(args.out)
-    check_output_folder(out, DEMO_FILES)  # replaced whole: only an earlier demo may be there
+    for note in recover(out) + sweep_stale(out.absolute().parent):  # leftovers of a killed run
+        print(f"note: {note}", file=sys.stderr)
+    # Replaced whole: only an earlier demo holding nothing else may be there.
+    check_replaceable(out, marker=DEMO_MARKER, format=DEMO_FORMAT, names=DEMO_FILES, what="demo")
+    check_writable(out)
     with atomic_path(out, is_dir=True) as tmp:
         summary = build(tmp, args)
     print(f"demo written to {out / 'index.html'} ({summary['total_seconds']} s)")

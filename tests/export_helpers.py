@@ -82,7 +82,9 @@ def random_trained(
     lora = LoRAConfig(rank=rank, alpha=alpha) if targets is None else LoRAConfig(rank, alpha, tuple(targets))
     rng = np.random.default_rng(seed)
     shapes = flatten(lora_shapes(unet_shapes(base), lora))
-    tree = unflatten({k: (lora_std * rng.standard_normal(v.shape)).astype(np.float32) for k, v in shapes.items()})
+    tree = unflatten(
+        {k: (lora_std * rng.standard_normal(v.shape)).astype(np.float32) for k, v in shapes.items()}
+    )
     vae = unflatten(
         {
             k: v + (0.02 * rng.standard_normal(v.shape)).astype(np.float32)

@@ -31,7 +31,9 @@ def test_usage_errors_are_one_line_and_exit_2(argv, capsys):
 
 def test_number_like_values_are_not_taken_for_options():
     parser = cli.build_parser()
-    args = parser.parse_args(["render", "p.png", "--disparity", "d.npy", "--strength", "4", "--focus-at", "-1,10"])
+    args = parser.parse_args(
+        ["render", "p.png", "--disparity", "d.npy", "--strength", "4", "--focus-at", "-1,10"]
+    )
     assert args.focus_at == "-1,10"
     args = parser.parse_args("synth --fg a --bg b --out c -n 1 --log2-times -1e0 -.5".split())
     assert args.log2_times == [-1.0, -0.5]
@@ -49,7 +51,19 @@ def test_help_shows_every_default(command, capsys):
         sub = sub._subparsers._group_actions[0].choices[command[1]]
     for action in sub._actions:
         if action.option_strings and action.default not in (None, False, "==SUPPRESS==") and action.help:
-            shown = " ".join(map(str, action.default)) if isinstance(action.default, list) else str(action.default)
+            shown = (
+                " ".join(map(str, action.default))
+                if isinstance(action.default, list)
+                else str(action.default)
+            )
             assert f"default: {shown})" in text or f"({shown})" in text, (action.dest, shown)
         if action.option_strings and action.dest != "help":
             assert action.help, f"{command} {action.option_strings} has no help"
+
+
+def test_bench_convert_workdir_must_be_a_folder_and_is_left_alone(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("a user's file")
+    assert cli.main(["bench", "convert", "--workdir", str(tmp_path / "notes.txt")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --workdir") and err.count("\n") == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]

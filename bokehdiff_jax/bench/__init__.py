@@ -16,6 +16,7 @@ BENCHMARKS: dict[str, str] = {
     "pisa": "PISA dense / blockwise / sparse vs a dense PyTorch reference: time and memory",
     "render": "scatter renderer and layered ray tracer vs a NumPy scatter reference: throughput",
     "synth": "synthesized targets: cost and convergence vs many-ray renders, blur distribution vs released",
+    "export": "export / import of a full-size SDXL LoRA (rank 8) + VAE parts: time and peak RSS",
 }
 
 

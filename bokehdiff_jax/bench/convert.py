@@ -8,19 +8,21 @@
 3. Optionally loads the converted checkpoint with ``load_unet`` in another subprocess (its output
    is the whole tree, so ~1x the weights plus the interpreter is the floor there).
 
-The temporary folder (about 2 x 5.1 GB) is deleted afterwards.
+The temporary folder (about 2 x 5.1 GB) is deleted afterwards; one a killed run left behind is
+removed by the next run (``io.atomic.sweep_stale``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bokehdiff_jax.io.flags import int_in
 
 CONVERT_SNIPPET = """
 import sys
@@ -45,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--workdir", default=None, help="where the temporary ~10 GB go (default: system temp)"
     )
     parser.add_argument("--dtype", choices=["bf16", "fp32", "fp16"], default="bf16", help="converted dtype")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int_in(0), default=0, help="seed of the random weights")
     parser.add_argument("--skip-load", action="store_true", help="skip the load_unet measurement")
 
 
@@ -92,9 +94,15 @@ def _child(snippet: str, *args: str) -> tuple[float, int, str]:
 
 def run(args: argparse.Namespace) -> int:
     from bokehdiff_jax.bench.common import peak_rss_bytes
+    from bokehdiff_jax.errors import InputError
+    from bokehdiff_jax.io.atomic import sweep_stale, temporary_folder
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench_convert_", dir=args.workdir))
-    try:
+    workdir = Path(args.workdir or tempfile.gettempdir())
+    if not workdir.is_dir():
+        raise InputError(f"--workdir {workdir} is not a folder")
+    for note in sweep_stale(workdir):  # ~10 GB a killed run may have left
+        print(f"note: {note}", file=sys.stderr)
+    with temporary_folder(workdir, "bench_convert") as tmp:
         t0 = time.perf_counter()
         weight_bytes = write_random_sdxl_unet(tmp / "sdxl" / "unet", args.seed)
         write_s = time.perf_counter() - t0
@@ -110,6 +118,4 @@ def run(args: argparse.Namespace) -> int:
             wall, peak, n = _child(LOAD_SNIPPET, str(tmp / "ck"), args.dtype)
             print(f"load_unet({args.dtype}): {wall:.1f} s, peak RSS {peak / 1e9:.2f} GB = "
                   f"{peak / weight_bytes:.2f}x the bf16 weights; {int(n):,} params")  # fmt: skip
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return 0

@@ -17,25 +17,56 @@ import time
 
 import numpy as np
 
+from bokehdiff_jax.io.flags import float_in, int_in
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--sizes", type=int, nargs="+", default=[32, 64, 128], help="grid sides: N = side^2")
-    parser.add_argument("--heads", type=int, default=10)
-    parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--segments", type=int, default=7)
-    parser.add_argument("--supersample", type=int, default=5)
-    parser.add_argument("--image", type=int, default=1024, help="image side in pixels")
-    parser.add_argument("--max-coc", type=float, default=40.0, help="largest CoC radius, image pixels")
-    parser.add_argument("--block", type=int, default=128, help="block size (queries and keys)")
-    parser.add_argument("--tolerance", type=float, default=1e-6, help="sparse tolerance")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--impls", nargs="+", default=["torch", "dense", "blockwise", "sparse"])
+    parser.add_argument(
+        "--sizes", type=int_in(2, 512), nargs="+", default=[32, 64, 128], help="token grid sides: N = side^2"
+    )
+    parser.add_argument("--heads", type=int_in(1, 64), default=10, help="attention heads")
+    parser.add_argument("--head-dim", type=int_in(1, 512), default=64, help="channels per head")
+    parser.add_argument(
+        "--segments", type=int_in(1, 64), default=7, help="T: occlusion samples along each query-key segment"
+    )
+    parser.add_argument(
+        "--supersample", type=int_in(1, 16), default=5, help="S: disparity samples per token (its sub-pixels)"
+    )
+    parser.add_argument(
+        "--image", type=int_in(8, 8192), default=1024, help="image side in pixels the tokens stand for"
+    )
+    parser.add_argument(
+        "--max-coc", type=float_in(0, 4096), default=40.0, help="largest CoC radius, image pixels (sets K)"
+    )
+    parser.add_argument(
+        "--block", type=int_in(1, 4096), default=128, help="blockwise/sparse block size (queries and keys)"
+    )
+    parser.add_argument(
+        "--tolerance", type=float_in(0, 1), default=1e-6, help="sparse: weight below which a block is skipped"
+    )
+    parser.add_argument(
+        "--repeats", type=int_in(1, 1000), default=3, help="timed runs per measurement (median)"
+    )
+    parser.add_argument(
+        "--impls",
+        nargs="+",
+        choices=["torch", "dense", "blockwise", "sparse"],
+        default=["torch", "dense", "blockwise", "sparse"],
+        help="implementations to run (torch = the dense PyTorch reference)",
+    )
     parser.add_argument("--no-backward", action="store_true", help="forward only")
     parser.add_argument(
-        "--dense-max-samples", type=float, default=2e9, help="largest N^2 T S run by JAX dense"
+        "--dense-max-samples",
+        type=float_in(0),
+        default=2e9,
+        help="largest N^2 T S run by JAX dense (larger: compiled for memory only)",
     )
-    parser.add_argument("--torch-max-samples", type=float, default=1e8, help="largest N^2 T S run by torch")
-    parser.add_argument("--max-seconds", type=float, default=120.0, help="skip timing runs slower than this")
+    parser.add_argument(
+        "--torch-max-samples", type=float_in(0), default=1e8, help="largest N^2 T S run by torch"
+    )
+    parser.add_argument(
+        "--max-seconds", type=float_in(0), default=120.0, help="skip timing runs slower than this, seconds"
+    )
 
 
 def _torch_dense(q, k, v, xy, d_tok, radius, fine, offsets, image, segments, beta):

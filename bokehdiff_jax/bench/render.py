@@ -11,20 +11,32 @@ import math
 import numpy as np
 
 from bokehdiff_jax.errors import InputError
+from bokehdiff_jax.io.flags import float_in, int_in
 from bokehdiff_jax.physics.focus import needed_radius
 from bokehdiff_jax.render.reference import numpy_scatter
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--sizes", default="512,1024", help="comma-separated square sizes")
-    parser.add_argument("--strength", type=float, default=24.0, help="K in pixels")
-    parser.add_argument("--layers", type=int, default=24, help="scatter depth layers")
-    parser.add_argument("--rays", type=int, default=32, help="ray tracer aperture samples")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per JAX measurement (median)")
-    parser.add_argument("--numpy-repeats", type=int, default=1, help="timed runs of the NumPy references")
+    parser.add_argument("--sizes", default="512,1024", help="comma-separated square image sides, 16..8192 px")
+    parser.add_argument(
+        "--strength",
+        type=float_in(0, 4096, above=True),
+        default=24.0,
+        help="blur K in pixels (CoC per unit disparity)",
+    )
+    parser.add_argument("--layers", type=int_in(3, 256), default=24, help="scatter depth layers, 3..256")
+    parser.add_argument(
+        "--rays", type=int_in(1, 4096), default=32, help="ray tracer aperture samples per pixel"
+    )
+    parser.add_argument(
+        "--repeats", type=int_in(1, 1000), default=3, help="timed runs per JAX measurement (median)"
+    )
+    parser.add_argument(
+        "--numpy-repeats", type=int_in(1, 1000), default=1, help="timed runs of the NumPy references"
+    )
     parser.add_argument(
         "--direct-max-size",
-        type=int,
+        type=int_in(0, 8192),
         default=1024,
         help="largest size for the (slow) tap-by-tap NumPy scatter",
     )
@@ -51,8 +63,9 @@ def _check_args(args: argparse.Namespace) -> list[int]:
         sizes = [int(s) for s in args.sizes.split(",")]
     except ValueError:
         raise InputError(f"--sizes expects comma-separated integers, got {args.sizes!r}") from None
-    if min(sizes) < 16:
-        raise InputError(f"--sizes must be >= 16 px each, got {args.sizes}")
+    if min(sizes) < 16 or max(sizes) > 8192:
+        raise InputError(f"--sizes must be 16..8192 px each, got {args.sizes}")
+    # The parser range-checks these; kept for callers that build args without it.
     if not (0 < args.strength < math.inf) or args.layers < 3 or args.rays < 1:
         raise InputError("need --strength > 0 (finite), --layers >= 3 and --rays >= 1")
     if args.repeats < 1 or args.numpy_repeats < 1:

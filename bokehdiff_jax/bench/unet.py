@@ -14,17 +14,25 @@ import argparse
 import statistics
 import time
 
+from bokehdiff_jax.io.flags import int_in
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--latent", type=int, default=64, help="latent side of the small-model run (default 64)"
+        "--latent", type=int_in(4, 512), default=64, help="latent side of the small-model run (default 64)"
     )
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per side (default 5)")
+    parser.add_argument("--repeats", type=int_in(1, 1000), default=5, help="timed runs per side (default 5)")
     parser.add_argument(
-        "--sdxl-latent", type=int, default=128, help="latent side for the full SDXL (128 = 1024 px)"
+        "--sdxl-latent",
+        type=int_in(4, 1024),
+        default=128,
+        help="latent side for the full SDXL (128 = 1024 px)",
     )
     parser.add_argument(
-        "--threads", type=int, default=0, help="1: both sides single-threaded (steadier on a shared machine)"
+        "--threads",
+        type=int_in(0, 1),
+        default=0,
+        help="1: both sides single-threaded (steadier on a shared machine); 0: the libraries' defaults",
     )
     parser.add_argument("--skip-small", action="store_true", help="only the full-SDXL abstract analysis")
     parser.add_argument("--skip-sdxl", action="store_true", help="only the small-model timing")

@@ -213,10 +213,9 @@ def import_lora(
             base=base_reference(base, fingerprint),
         )
     vae_file = Path(vae) if vae is not None else (folder / VAE_ENCODER if exported else None)
-    vae_tensors = None
-    if vae_file is not None:
-        with SafetensorsFile(vae_file) as f:
-            require_float(f.infos, str(vae_file))
-            vae_tensors = {k: np.asarray(f[k], np.float32) for k in f}
     cond = load_prompt_embeds(folder) if exported and (folder / PROMPT_EMBEDS).is_file() else None
-    return _assemble(parsed, spec, vae_tensors, cond, base, str(src))
+    if vae_file is None:
+        return _assemble(parsed, spec, None, cond, base, str(src))
+    with SafetensorsFile(vae_file) as f:  # read lazily, one tensor at a time, by the strict mapping
+        require_float(f.infos, str(vae_file))
+        return _assemble(parsed, spec, f, cond, base, str(src))

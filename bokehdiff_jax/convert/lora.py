@@ -122,7 +122,7 @@ def peft_to_flax_lora(
                 bad.add(names)
                 mismatched.append(f"{key}: shape {tuple(np.shape(value))} does not fit {tuple(leaf.shape)}")
             else:
-                found[names] = x.astype(leaf.dtype)
+                found[names] = x.astype(leaf.dtype, copy=False)  # no second copy of a whole LoRA
     missing = sorted("/".join(n) for n in wanted if n not in found and n not in bad)
     if missing or unexpected or mismatched:
         raise MappingError(missing, sorted(unexpected), mismatched, "peft LoRA state dict")

@@ -42,7 +42,13 @@ from bokehdiff_jax.convert.weights import (
 )
 from bokehdiff_jax.errors import InputError
 from bokehdiff_jax.io.atomic import atomic_path, check_apart, check_replaceable
-from bokehdiff_jax.io.safetensors_io import SafetensorsFile, open_diffusers_weights, save_dict
+from bokehdiff_jax.io.safetensors_io import (
+    SafetensorsFile,
+    TensorSpec,
+    open_diffusers_weights,
+    save_dict,
+    write_safetensors,
+)
 from bokehdiff_jax.models.attention import AttentionRouting
 from bokehdiff_jax.models.configs import UNetConfig, VAEConfig
 from bokehdiff_jax.models.options import LoRAConfig
@@ -307,7 +313,9 @@ def save_trained(trained: Trained, dst: str | os.PathLike, *, inputs: tuple = ()
     )
     from bokehdiff_jax import __version__
 
-    flat = {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in flatten(trained.trainable).items()}
+    flat = flatten(trained.trainable)
+    specs = [TensorSpec(k, np.dtype(np.float32), tuple(np.shape(v))) for k, v in flat.items()]
+    arrays = (np.ascontiguousarray(v, dtype=np.float32) for v in flat.values())  # one copy at a time
     manifest = {
         "format": TRAINED_FORMAT,
         "version": TRAINED_VERSION,
@@ -316,7 +324,7 @@ def save_trained(trained: Trained, dst: str | os.PathLike, *, inputs: tuple = ()
         "bokehdiff_jax_version": __version__,
     }
     with atomic_path(dst, is_dir=True) as tmp:
-        save_dict(tmp / TRAINABLE, flat, {"format": TRAINED_FORMAT})
+        write_safetensors(tmp / TRAINABLE, specs, arrays, {"format": TRAINED_FORMAT})
         save_dict(tmp / PROMPT_EMBEDS, {k: np.asarray(v, np.float32) for k, v in trained.cond.items()},
                   {"prompt": trained.spec.prompt})  # fmt: skip
         (tmp / TRAINED_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

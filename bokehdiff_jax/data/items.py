@@ -2,7 +2,8 @@
 
 Layout of a ``synth`` output folder::
 
-    synth.json              the run: config, seed, n, inputs (resume refuses a different run)
+    synth.json              the run: format "bokehdiff_jax.synth", config, seed, n, inputs (resume
+                            refuses a different run; synth writes only into a folder holding it or empty)
     report.txt              skipped and converted inputs, with reasons
     items/000000/           one folder per example, written atomically (whole or absent)
         aif.png bokeh.png   8-bit sRGB

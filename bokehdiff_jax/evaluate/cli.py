@@ -66,7 +66,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     h.add_argument("--size", type=int_in(16, 4096), default=128, help="canvas side, px (128)")
     h.add_argument("--seed", type=int_in(0, 2**31 - 1), default=None, help="stream seed (the held-out seed)")
     h.add_argument(
-        "--base-strength", type=float_in(0, 4096), default=None, metavar="K", help="K at times = 1, px"
+        "--base-strength",
+        type=float_in(0, 4096),
+        default=None,
+        metavar="K",
+        help="K at times = 1, px (12 * size / 768)",
     )
 
     e = parser.add_argument_group("--data ebb:DIR / tfds:ebb_val294")
@@ -86,11 +90,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--flip-disparity", action="store_true", help="use 1 - d (depth-like maps)")
 
     b = parser.add_argument_group("--data blb:DIR")
-    b.add_argument("--blb-level", type=int_in(1, 5), default=5, help="blur amount 1..5 (the paper's Level 5)")
+    b.add_argument(
+        "--blb-level", type=int_in(1, 5), default=5, metavar="N", help="blur amount 1..5; 5: BLB Level 5 (5)"
+    )
     b.add_argument(
         "--blb-focus-key", default="disp_focus", metavar="KEY", help="info.json key of the focus list"
     )
-    parser.add_argument("--tfds-dir", metavar="DIR", help="--data tfds:NAME: where the dataset was built")
+    t = parser.add_argument_group("--data tfds:NAME (ebb_val294, blb/level1 .. blb/level5)")
+    t.add_argument("--tfds-dir", metavar="DIR", help="where the dataset was built (evaluate.tfds_builders)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -103,6 +103,20 @@ def write_lora_file(path: Path, trained: Trained) -> dict[str, str]:
     return metadata
 
 
+def write_vae_parts(path: Path, vae_params: dict[str, Any]) -> None:
+    """The trained VAE parts under diffusers' names, PyTorch layouts, float32 (streamed, sorted names)."""
+    leaves = {mapping.torch_shape(p, np.shape(v)): (p, v) for p, v in mapping.iter_leaves(vae_params)}
+    keys = sorted(leaves)
+    specs = [TensorSpec(key, np.dtype(np.float32), shape) for key, shape in keys]
+
+    def arrays():
+        for k in keys:
+            p, v = leaves[k]
+            yield np.ascontiguousarray(mapping.kind_of(p[-1], np.ndim(v)).to_torch(np.asarray(v)), np.float32)
+
+    write_safetensors(path, specs, arrays(), {"format": "pt"})
+
+
 def _merged_unet(dst: Path, base: str | os.PathLike, trained: Trained) -> None:
     """The base U-Net with ``W += (alpha / r) B A`` on every adapted module: a diffusers ``unet/`` folder
     in the base's dtype (the sum is computed in float32)."""
@@ -157,10 +171,8 @@ def export_model(
     check_replaceable(dst, marker=EXPORT_MANIFEST, format=EXPORT_FORMAT, names=EXPORT_NAMES, flag="--to",
                       what="export")  # fmt: skip
     files = [LORA_WEIGHTS, PROMPT_EMBEDS]
-    vae = {}
-    if "vae" in trained.trainable:
-        vae = dict(mapping.iter_flax_to_diffusers(trained.trainable["vae"]["params"]))
-        vae = {k: np.asarray(v, np.float32) for k, v in vae.items()}
+    vae = trained.trainable.get("vae", {}).get("params")
+    if vae:
         files.append(VAE_ENCODER)
     pisa = spec.routing.pisa
     manifest = {
@@ -175,7 +187,7 @@ def export_model(
     with atomic_path(dst, is_dir=True) as tmp:
         write_lora_file(tmp / LORA_WEIGHTS, trained)
         if vae:
-            save_dict(tmp / VAE_ENCODER, vae, {"format": "pt"})
+            write_vae_parts(tmp / VAE_ENCODER, vae)
         cond = {k: np.asarray(v, np.float32) for k, v in trained.cond.items()}
         save_dict(tmp / PROMPT_EMBEDS, cond, {"prompt": spec.prompt})
         if merge:

@@ -38,24 +38,6 @@ def _default_mode(is_dir: bool) -> int:
     return (0o777 if is_dir else 0o666) & ~umask
 
 
-def check_output_folder(path: str | os.PathLike, ours: str, flag: str = "--out") -> None:
-    """Refuses (``InputError``) an existing ``path`` that a folder output would wrongly replace: a file,
-    or a folder holding entries whose names do not fully match the regular expression ``ours`` (the
-    names the command itself writes). Call it before any work; an absent or empty folder is fine."""
-    path = Path(path)
-    if not path.exists():
-        return
-    if not path.is_dir():
-        raise InputError(f"{flag} {path} exists and is not a folder")
-    foreign = sorted(p.name for p in path.iterdir() if not re.fullmatch(ours, p.name))
-    if foreign:
-        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
-        raise InputError(
-            f"{flag} {path} is a folder holding other files ({shown}) that writing there would delete; "
-            "choose a new or empty folder"
-        )
-
-
 def check_apart(output: str | os.PathLike, inputs: list[str | os.PathLike], flag: str = "--out") -> None:
     """Refuses (``InputError``) an ``output`` that would replace one of ``inputs``: the same file or
     folder, compared by inode so ``a/../a/x.png``, symlinks, hard links and bind mounts are caught, or
@@ -197,6 +179,20 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def temporary_folder(parent: str | os.PathLike, name: str) -> Iterator[Path]:
+    """A scratch folder ``parent/.<name>.bdj<pid>-<host>.<random>.tmp``, removed on exit. Named like
+    ``atomic_path``'s temporaries, so what a killed run leaves is found by ``sweep_stale(parent)``."""
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.{_tag()}.", suffix=".tmp", dir=parent))
+    except OSError as e:
+        raise InputError(f"cannot create a temporary folder in {parent}: {e.strerror or e}") from None
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextlib.contextmanager

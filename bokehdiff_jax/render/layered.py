@@ -282,9 +282,14 @@ def _trace_cells(rgba, planes, focus, strength, config, crop):
     table = _tables(prem)
     c0, a, b = _plane_terms(planes.astype(jnp.float32), focus, h, w)
     base = jnp.arange(n_layers, dtype=jnp.int32) * ((h + 1) * (w + 1))  # each layer's first table row
-    # Layer presence: an exact count of pixels with any alpha, to skip layers absent near a tile.
-    present = jnp.pad((prem[..., 3] > 0).astype(jnp.int32), ((0, 0), (1, 0), (1, 0)))
-    present = jnp.cumsum(jnp.cumsum(present, axis=1), axis=2)  # [L, H + 1, W + 1]
+
+    # Exact counts of pixels with any alpha and of opaque ones: a tile skips the layers with no alpha
+    # within its reach, and the layers hidden behind a layer opaque throughout its reach.
+    def counts_table(mask):
+        return jnp.cumsum(jnp.cumsum(jnp.pad(mask.astype(jnp.int32), ((0, 0), (1, 0), (1, 0))), 1), 2)
+
+    present = counts_table(prem[..., 3] > 0)  # [L, H + 1, W + 1]
+    opaque = counts_table(prem[..., 3] >= 1.0 - 2.0**-_FRAC_BITS)  # opaque up to the tables' precision
 
     m_lo, m_hi = grid_bounds(config.rays_min, config.rays_max)
     n_ty, n_tx = -(-out_h // t), -(-out_w // t)
@@ -302,16 +307,21 @@ def _trace_cells(rgba, planes, focus, strength, config, crop):
             c0[:, None, None] + a[:, None, None] * xs[None, None, :] + b[:, None, None] * ys[None, :, None]
         )
         radius = coc_radius(corners, 0.0, strength).max(axis=(1, 2))  # [L]
-        # A layer matters if it has any alpha within reach of the tile: its CoC plus a footprint (at
-        # most the CoC again). The back layer always does (its coverage normalises).
+        # A layer matters if it has any alpha within reach of the tile (its CoC plus a footprint, at most
+        # the CoC again) and no layer in front of it is opaque throughout that layer's own reach.
         reach = jnp.ceil(2.0 * radius + 2.0).astype(jnp.int32)
         ya = jnp.clip(top + ty * t - reach, 0, h)
         yb = jnp.clip(top + ty * t + t + reach, 0, h)
         xa = jnp.clip(left + tx * t - reach, 0, w)
         xb = jnp.clip(left + tx * t + t + reach, 0, w)
         li = jnp.arange(n_layers)
-        count = present[li, yb, xb] - present[li, ya, xb] - present[li, yb, xa] + present[li, ya, xa]
-        relevant = (count > 0) | (li == 0)
+
+        def count(table):
+            return table[li, yb, xb] - table[li, ya, xb] - table[li, yb, xa] + table[li, ya, xa]
+
+        full = count(opaque) == (yb - ya) * (xb - xa)
+        hidden = (jnp.cumsum(full[::-1])[::-1] - full) > 0  # an opaque layer nearer than this one
+        relevant = (count(present) > 0) & ~hidden
         r_tile = jnp.max(jnp.where(relevant, radius, 0.0))
         # Footprints of at most cell_px pixels, and a grid of at least min_grid cells across the disc
         # (fewer only while a cell stays under a pixel): the rim cells then draw a round CoC.
@@ -348,15 +358,13 @@ def _trace_cells(rgba, planes, focus, strength, config, crop):
             def look(layer):
                 return _box_mean(table, base[layer], w, h, x[layer], y[layer], ex[layer], ey[layer])
 
-            looked = [look(0)]  # [C, T, T, 4] per layer; a layer absent near the tile is not read
-            for layer in range(1, n_layers):
-                looked.append(
-                    jax.lax.cond(
-                        relevant[layer],
-                        functools.partial(look, layer),
-                        lambda: jnp.zeros((size, t, t, 4), jnp.float32),
-                    )
+            # [C, T, T, 4] per layer; a layer absent or hidden near the tile is not read.
+            looked = [
+                jax.lax.cond(
+                    relevant[layer], functools.partial(look, layer), lambda: jnp.zeros((size, t, t, 4))
                 )
+                for layer in range(n_layers)
+            ]
             colour, cover = _composite_front_to_back(jnp.stack(looked))
             c_sum = c_sum + jnp.einsum("c,cyxk->yxk", weight, colour)
             a_sum = a_sum + jnp.einsum("c,cyx->yx", weight, cover)

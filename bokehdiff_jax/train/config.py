@@ -180,6 +180,17 @@ VARIANTS: dict[str, tuple[Callable[[ml_collections.ConfigDict], None], str]] = {
     "pisa_mid": (_set(pisa_paths=("mid_block.*.attn1",)), "PISA in the mid-block self-attentions"),
     "pisa_up": (_set(pisa_paths=("up_blocks.*.attn1",)), "PISA in every up-block self-attention"),
     "pisa_all": (_set(pisa_paths=("*.attn1",)), "PISA in every self-attention"),
+    "paper": (
+        _set(
+            losses__mse=1.0,
+            losses__lpips=5.0,
+            losses__edge=1.0,
+            losses__edge_variant="paper",
+            losses__adversarial=0.5,
+            optimizer__lr=1e-4,
+        ),
+        "the paper's loss weights (1 / 5 / 1 / 0.5), its edge loss and learning rate 1e-4",
+    ),
     "released": (
         _set(
             losses__adversarial=0.1, losses__edge_variant="released", pisa__train_occlusion_clamp=0.99

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*random prompt embeddings")
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    return write_base(tmp_path_factory.mktemp("base"))
+    return write_base(tmp_path_factory.mktemp("base"), "mini")
 
 
 def _peft_unet(base, rank=4, alpha=4, seed=0):
@@ -167,7 +167,7 @@ def test_errors_are_strict_and_list_everything(base, released, tmp_path):
         import_lora(_write(tmp_path, unmatched, "u.safetensors"), base, fingerprint=False)
 
     # A LoRA made for another base: same module names, other widths.
-    other = write_base(tmp_path / "other", block_out_channels=[32, 64, 96])
+    other = write_base(tmp_path / "other", "mini", block_out_channels=[24, 48])
     with pytest.raises(MappingError, match="shape"):
         import_lora(_write(tmp_path, get_peft_model_state_dict(_peft_unet(other)), "o.safetensors"), base,
                     fingerprint=False)  # fmt: skip
@@ -184,7 +184,7 @@ def test_lora_shapes_from_the_header_equal_the_models_own(tmp_path):
     from bokehdiff_jax.convert.trained import base_configs
     from bokehdiff_jax.models.unet import UNet2DConditionModel
 
-    for name in ("sdxl", "odd"):
+    for name in ("sdxl", "sd15"):  # linear and 1x1-conv projections
         base = write_base(tmp_path / name, name)
         lora = LoRAConfig(rank=3)
         unet_config, _ = base_configs(base)
@@ -193,7 +193,7 @@ def test_lora_shapes_from_the_header_equal_the_models_own(tmp_path):
         want = jax.eval_shape(lambda k, m=model, i=inputs: m.init(k, *i), jax.random.key(0))["lora"]
         got = lora_shapes(unet_shapes(base), lora)
         assert {k: v.shape for k, v in flatten(got).items()} == {k: v.shape for k, v in flatten(want).items()}
-    assert tiny_configs.UNETS["odd"]["block_out_channels"] == [12, 24]
+    assert not tiny_configs.UNETS["sd15"]["use_linear_projection"]
 
 
 def test_pickles_are_never_unpickled_for_lora(tmp_path, base):

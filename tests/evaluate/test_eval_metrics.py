@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
@@ -67,19 +66,21 @@ def test_metrics_reject_mismatched_shapes():
         psnr(np.zeros((8, 8, 3)), np.zeros((8, 9, 3)))
 
 
-def test_scorer_lpips_is_the_loss_modules_lpips_on_images_in_minus1_1():
-    from bokehdiff_jax.losses import lpips_distance, lpips_params
+def test_scorer_lpips_equals_a_plain_torch_lpips_on_images_mapped_to_minus1_1():
+    import torch
+
+    from bokehdiff_jax.torch.lpips import LPIPSVGG
 
     pred, target = _pair(2, shape=(32, 40, 3))
-    got = Scorer(["lpips", "psnr"])(pred, target)
-    params = lpips_params()
-    x = jnp.asarray(pred, jnp.float32)[None] * 2 - 1
-    y = jnp.asarray(target, jnp.float32)[None] * 2 - 1
-    want = float(lpips_distance(params, x, y)[0])
-    assert got["lpips"] == pytest.approx(want, rel=1e-5)
+    scorer = Scorer(["lpips", "psnr"])
+    got = scorer(pred, target)
+    nchw = lambda x: torch.from_numpy(np.asarray(x, np.float32)).permute(2, 0, 1)[None] * 2 - 1
+    with torch.no_grad():
+        want = float(LPIPSVGG.from_cache()(nchw(pred), nchw(target))[0])
+    assert got["lpips"] == pytest.approx(want, rel=1e-4)
     assert got["lpips"] > 0.01
     assert list(got) == ["lpips", "psnr"]
-    assert Scorer(["lpips"])(target, target)["lpips"] == pytest.approx(0.0, abs=1e-6)
+    assert scorer(target, target)["lpips"] == pytest.approx(0.0, abs=1e-6)
 
 
 def test_scorer_rejects_unknown_metrics():

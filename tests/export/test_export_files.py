@@ -26,7 +26,7 @@ ATTN = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    return write_base(tmp_path_factory.mktemp("base"))
+    return write_base(tmp_path_factory.mktemp("base"), "mini")
 
 
 @pytest.fixture(scope="module")

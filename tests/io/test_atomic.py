@@ -185,3 +185,25 @@ def test_a_file_in_the_way_of_the_parent_folder_is_named(tmp_path):
                 pass
         assert "File exists" not in str(e.value) and "Not a directory" not in str(e.value)
     assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_temporary_folder_is_removed_and_a_killed_ones_is_swept(tmp_path):
+    import subprocess
+    import sys
+
+    from bokehdiff_jax.io.atomic import sweep_stale, temporary_folder
+
+    with pytest.raises(RuntimeError):
+        with temporary_folder(tmp_path, "scratch") as tmp:
+            (tmp / "big").write_bytes(b"\0" * 100)
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+    code = (
+        "import os, signal, sys\nfrom bokehdiff_jax.io.atomic import temporary_folder\n"
+        "with temporary_folder(sys.argv[1], 'scratch'):\n    os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    assert subprocess.run([sys.executable, "-c", code, str(tmp_path)]).returncode == -9
+    assert len(list(tmp_path.iterdir())) == 1
+    (tmp_path / "mine.txt").write_text("a user's file")
+    assert len(sweep_stale(tmp_path)) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["mine.txt"]

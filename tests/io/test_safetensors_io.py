@@ -221,7 +221,9 @@ def test_headers_the_reference_accepts_are_accepted(tmp_path):
 def test_integer_tensors_are_refused_where_float_parameters_are_expected(tmp_path):
     from bokehdiff_jax.io.safetensors_io import require_float
 
-    save_dict(tmp_path / "w.safetensors", {"a.bias": np.zeros(2, np.int32), "b.bias": np.zeros(2, np.float16)})
+    save_dict(
+        tmp_path / "w.safetensors", {"a.bias": np.zeros(2, np.int32), "b.bias": np.zeros(2, np.float16)}
+    )
     with SafetensorsFile(tmp_path / "w.safetensors") as f:
         with pytest.raises(InputError, match=r"a\.bias.*I32"):
             require_float(f.infos, "w")

@@ -78,9 +78,16 @@ def test_vae_parts_equal_diffusers_parameters_on_full_sdxl(sdxl_split):
 
 @pytest.fixture(scope="module")
 def tiny():
-    base = load_base("random", unet_config=tiny_configs.UNETS["sdxl"], vae_config=tiny_configs.VAES["sdxl"])
+    """The smallest U-Net of tiny_configs (one transformer layer) on its VAE, LoRA on, PISA off: the
+    training step's backward compile grows with depth, and these tests are about which arrays move."""
+    unet_cfg = {**tiny_configs.UNETS["odd"], "transformer_layers_per_block": 1, "in_channels": 3}
+    unet_cfg["out_channels"] = tiny_configs.VAES["odd"]["latent_channels"]
+    with pytest.warns(UserWarning, match="random prompt embeddings"):
+        base = load_base("random", unet_config=unet_cfg, vae_config=tiny_configs.VAES["odd"])
     part = PartitionConfig()
-    model = BokehDiff.create(base.unet_config, base.vae_config, lora=part.unet_lora)
+    model = BokehDiff.create(
+        base.unet_config, base.vae_config, lora=part.unet_lora, routing=AttentionRouting(pisa_paths=())
+    )
     return model, part, model.add_lora(base.variables, jax.random.key(1))
 
 
@@ -98,7 +105,7 @@ def test_split_and_merge_share_every_leaf(tiny):
 
 
 def test_all_mode_trains_every_weight_and_bad_configs_are_errors(tiny):
-    model, part, variables = tiny
+    _, part, variables = tiny
     base = {**variables, "unet": {"params": variables["unet"]["params"]}}
     trainable, frozen = split(base, PartitionConfig(trainable="all"))
     assert set(frozen) == {"cond"}
@@ -112,7 +119,7 @@ def test_all_mode_trains_every_weight_and_bad_configs_are_errors(tiny):
     with pytest.raises(InputError, match="trainable"):
         PartitionConfig(trainable="some")
     t, _ = split(variables, PartitionConfig(unet_parts=("conv_in", "down_blocks.*.resnets.0.norm1")))
-    assert set(t["unet"]["params"]) == {"conv_in", "down_blocks_0", "down_blocks_1", "down_blocks_2"}
+    assert set(t["unet"]["params"]) == {"conv_in", "down_blocks_0", "down_blocks_1"}
 
 
 def test_lora_init_is_pefts_gaussian(tiny):
@@ -120,33 +127,25 @@ def test_lora_init_is_pefts_gaussian(tiny):
     lora = _leaves(variables["unet"]["lora"])
     a = np.concatenate([np.ravel(x) for k, x in lora.items() if k.endswith("/A")])
     assert all(not np.any(x) for k, x in lora.items() if k.endswith("/B"))
-    assert abs(a.std() - 1 / 8) < 0.005 and abs(a.mean()) < 0.005  # N(0, 1/rank^2), rank 8
+    assert a.size > 10_000 and abs(a.std() - 1 / 8) < 0.005 and abs(a.mean()) < 0.005  # N(0, 1/8^2)
     again = _leaves(model.init_lora(jax.random.key(1)))
     assert all(np.array_equal(again[k], lora[k]) for k in lora)  # same key, same arrays
 
 
 def test_random_base_follows_the_module_initialisers(tiny):
-    model, _, variables = tiny
+    _, _, variables = tiny
     params = _leaves(variables["unet"]["params"])
     assert {k.rsplit("/", 1)[1] for k in params} == {"kernel", "bias", "scale"}
     assert all(not np.any(x) for k, x in params.items() if k.endswith("/bias"))
     assert all(np.all(x == 1) for k, x in params.items() if k.endswith("/scale"))
-    k = np.asarray(params["down_blocks_1/attentions_0/transformer_blocks_0/ff/net_0/proj/kernel"])
-    assert abs(k.std() * np.sqrt(k.shape[0]) - 1) < 0.05 and np.abs(k).max() <= 2 / 0.8796 / np.sqrt(64)
+    k = np.asarray(max((x for n, x in params.items() if n.endswith("/kernel")), key=np.size))
+    fan_in = np.prod(k.shape[:-1])  # lecun-normal: N(0, 1/fan_in) truncated at 2 std
+    assert abs(k.std() * np.sqrt(fan_in) - 1) < 0.05 and np.abs(k).max() <= 2 / 0.8796 / np.sqrt(fan_in)
 
 
-def test_a_training_step_moves_the_trainable_tree_only():
-    # The smallest U-Net of tiny_configs, one transformer layer, PISA off: the backward pass's compile
-    # time grows with depth, and this test is about which arrays move, not about the layers.
-    unet_cfg = {**tiny_configs.UNETS["odd"], "transformer_layers_per_block": 1, "in_channels": 3}
-    unet_cfg["out_channels"] = tiny_configs.VAES["odd"]["latent_channels"]
-    with pytest.warns(UserWarning, match="random prompt embeddings"):
-        base = load_base("random", unet_config=unet_cfg, vae_config=tiny_configs.VAES["odd"])
-    part = PartitionConfig()
-    model = BokehDiff.create(
-        base.unet_config, base.vae_config, lora=part.unet_lora, routing=AttentionRouting(pisa_paths=())
-    )
-    trainable, frozen = split(model.add_lora(base.variables, jax.random.key(1)), part)
+def test_a_training_step_moves_the_trainable_tree_only(tiny):
+    model, part, variables = tiny
+    trainable, frozen = split(variables, part)
     before = jax.tree.map(np.array, frozen)
     rng = np.random.default_rng(0)
     # 16 x 24 pixels: the lowest U-Net level still has 2 tokens (with 1, softmax ignores q and k).
@@ -156,7 +155,7 @@ def test_a_training_step_moves_the_trainable_tree_only():
     opt = optax.adam(1e-3)
 
     # LLVM's optimisation passes dominate the CPU compile here; the values are not what this tests.
-    @functools.partial(jax.jit)
+    @functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
     def step(trainable, opt_state, frozen):
         def loss_fn(t):
             return jnp.mean((model.apply(merge(t, frozen), image, disparity, 0.5, 6.0) - target) ** 2)

@@ -90,7 +90,8 @@ def test_zero_strength_keeps_each_key_on_its_own_query(impl, softmax_q):
     """K = 0: every radius is 0. A hard edge means dist <= r (SPEC 2), so each key still reaches its own
     query and nothing else: without occlusion PISA returns v. The default soft edge gives the same (its
     off-diagonal sigmoid(-beta * 3 px) ~ 1e-21), and so does a very hard soft edge: the hard edge is its
-    limit. Gradients stay finite (the padded keys of the blockwise runs have empty supports)."""
+    limit. Gradients stay finite, occlusion on (the padded keys of the blockwise runs have empty
+    supports)."""
     grid = (4, 5)
     q, k, v, disp, f, _ = make_inputs(2, 1, grid, 2, 4, (12, 15))
     zero = jnp.zeros(1)
@@ -100,11 +101,10 @@ def test_zero_strength_keeps_each_key_on_its_own_query(impl, softmax_q):
         )
         fn = jitted(cfg, grid)
         np.testing.assert_allclose(fn(q, k, v, disp, f, zero), v, rtol=1e-6, atol=1e-6)
-        grads = jax.grad(lambda q, k, v, fn=fn: jnp.sum(fn(q, k, v, disp, f, zero) ** 2), argnums=(0, 1, 2))(
-            q, k, v
-        )
-        for g in grads:
-            assert np.all(np.isfinite(g))
+    hard = jitted(PisaConfig(softmax_q=softmax_q, hardness=math.inf, impl=impl, block_q=8, block_k=8), grid)
+    grads = jax.grad(lambda q, k, v: jnp.sum(hard(q, k, v, disp, f, zero) ** 2), argnums=(0, 1, 2))(q, k, v)
+    for g in grads:
+        assert np.all(np.isfinite(g))
 
 
 @pytest.mark.parametrize("impl", IMPLS)
