@@ -37,7 +37,9 @@ class HelpFormatter(argparse.HelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
-        if not action.option_strings or default in (None, False, argparse.SUPPRESS) or "%(default)" in text:
+        # Identity, not ==: a default of 0 or 0.0 is shown (0 == False).
+        unset = default is None or default is False or default == argparse.SUPPRESS
+        if not action.option_strings or unset or "%(default)" in text:
             return text
         shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
         if f"({shown})" in text or "default" in text.lower():

@@ -51,9 +51,10 @@ def write_base(root: pathlib.Path, name: str = "sdxl", seed: int = 0, **unet_ove
 
     unet_cfg = MINI_UNET if name == "mini" else tiny_configs.UNETS[name]
     vae_cfg = MINI_VAE if name == "mini" else tiny_configs.VAES[name]
-    perturbed(diffusers.UNet2DConditionModel(**{**unet_cfg, **unet_overrides}), seed).save_pretrained(
-        root / "unet"
-    )
+    torch.manual_seed(seed)  # the init itself is random: seed it too, so the base is the same every run
+    unet = diffusers.UNet2DConditionModel(**{**unet_cfg, **unet_overrides})
+    perturbed(unet, seed).save_pretrained(root / "unet")
+    torch.manual_seed(seed + 1)
     perturbed(diffusers.AutoencoderKL(**vae_cfg), seed + 1).save_pretrained(root / "vae")
     return root
 

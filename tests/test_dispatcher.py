@@ -50,7 +50,8 @@ def test_help_shows_every_default(command, capsys):
     if len(command) > 1:
         sub = sub._subparsers._group_actions[0].choices[command[1]]
     for action in sub._actions:
-        if action.option_strings and action.default not in (None, False, "==SUPPRESS==") and action.help:
+        unset = action.default is None or action.default is False or action.default == "==SUPPRESS=="
+        if action.option_strings and not unset and action.help:
             shown = (
                 " ".join(map(str, action.default))
                 if isinstance(action.default, list)

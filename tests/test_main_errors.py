@@ -23,10 +23,11 @@ CASES = {
         "render p.png --disparity d.npy --focus-box 0,0,nan,4 --strength 2",
         "--focus-box",
     ),
-    # SynthConfig's checks raised a plain ValueError from the demo (the synth command converted them).
-    "demo-synth-size": ("demo --out demo --synth-size 15", "size must be >= 16"),
-    "demo-rays-max": ("demo --out demo --rays-max 1", "rays_max"),
-    "synth-size": ("synth --fg . --bg . --out synth -n 1 --size 8", "size must be >= 16"),
+    # SynthConfig's checks raised a plain ValueError from the demo (the synth command converted them);
+    # now every number is range-checked by the parser, and the message names the flag.
+    "demo-synth-size": ("demo --out demo --synth-size 15", "--synth-size: must be an integer in [16,"),
+    "demo-rays-max": ("demo --out demo --rays-max 0", "--rays-max: must be an integer in [1,"),
+    "synth-size": ("synth --fg . --bg . --out synth -n 1 --size 8", "--size: must be an integer in [16,"),
     "bench-pisa-impl": ("bench pisa --sizes 4 --impls nope --image 16 --repeats 1", "impl"),
     "convert-not-a-folder": ("convert from-diffusers p.png converted", "no such folder"),
 }

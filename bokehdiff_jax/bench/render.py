@@ -121,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
                 repeats=args.numpy_repeats,
                 warmup=0,
             )
-        lcfg = LayeredConfig(num_rays=args.rays)
+        lcfg = LayeredConfig(sampling="points", num_rays=args.rays)  # a fixed ray count: rays/s
         t_ray = median_time(
             lambda rgba=rgba, planes=planes, lcfg=lcfg: jax.block_until_ready(
                 render_layers(rgba, planes, focus, args.strength, config=lcfg)

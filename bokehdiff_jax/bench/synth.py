@@ -28,19 +28,26 @@ import time
 import numpy as np
 
 from bokehdiff_jax.errors import InputError
+from bokehdiff_jax.io.flags import int_in
 
 PARTS = ("conv", "time", "dist")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--parts", default="conv,time,dist", help="comma-separated subset of conv,time,dist")
-    parser.add_argument("--size", type=int, default=768, help="output canvas side, px (768)")
-    parser.add_argument("--scenes", type=int, default=4, help="convergence scenes (4)")
-    parser.add_argument("--window", type=int, default=128, help="side of the compared window, px; 0 = frame")
-    parser.add_argument("--ref-rays", type=int, default=8192, help="rays per pixel of the references")
-    parser.add_argument("--timing-scenes", type=int, default=6, help="examples timed (6)")
-    parser.add_argument("--dist-scenes", type=int, default=300, help="scenes of the distribution (300)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of every scene stream (0)")
+    parser.add_argument("--size", type=int_in(16, 4096), default=768, help="output canvas side, px (768)")
+    parser.add_argument("--scenes", type=int_in(1, 1000), default=4, help="convergence scenes (4)")
+    parser.add_argument(
+        "--window", type=int_in(0, 4096), default=128, help="side of the compared window, px; 0 = frame"
+    )
+    parser.add_argument(
+        "--ref-rays", type=int_in(1, 65536), default=8192, help="rays per pixel of the references"
+    )
+    parser.add_argument("--timing-scenes", type=int_in(1, 1000), default=6, help="examples timed (6)")
+    parser.add_argument(
+        "--dist-scenes", type=int_in(1, 100_000), default=300, help="scenes of the distribution (300)"
+    )
+    parser.add_argument("--seed", type=int_in(0), default=0, help="seed of every scene stream (0)")
 
 
 def _check(args: argparse.Namespace) -> list[str]:

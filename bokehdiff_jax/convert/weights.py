@@ -83,6 +83,8 @@ def read_config(folder: Path) -> dict[str, Any]:
         raise InputError(f"{folder}: no {CONFIG} (expected a diffusers model folder)") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InputError(f"{folder / CONFIG}: not valid JSON ({e})") from None
+    except OSError as e:  # a folder named config.json, no permission: the input, not the machine
+        raise InputError(f"{folder / CONFIG}: cannot read it ({e.strerror or e})") from None
     if not isinstance(cfg, dict):
         raise InputError(f"{folder / CONFIG}: expected a JSON object")
     return cfg
@@ -385,7 +387,7 @@ def from_diffusers(
     check_replaceable(
         dst, marker=MANIFEST, format=FORMAT, names=CHECKPOINT_NAMES, flag="DST", what="checkpoint"
     )
-    time_ids = time_ids_of(src / "unet") if any(c == "unet" for c, _ in found) else SDXL_TIME_IDS
+    time_ids = next((time_ids_of(f) for c, f in found if c == "unet"), SDXL_TIME_IDS)
     notes = []
     if time_ids == REFINER_TIME_IDS:
         notes.append("refiner-style pipeline (requires_aesthetics_score): its U-Net takes 5 time ids")

@@ -27,7 +27,11 @@ SYNTH_FORMAT = "bokehdiff_jax.synth"  # synth.json's "format": proves a folder i
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fg", required=True, help="folder of RGBA foregrounds (PNG with alpha, ...)")
     parser.add_argument("--bg", required=True, help="folder of all-in-focus backgrounds")
-    parser.add_argument("--out", required=True, help="output folder (resumes if it holds the same run)")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="output folder: new, empty, or an earlier synth run with the same settings (resumed)",
+    )
     parser.add_argument("-n", "--num", type=int_in(1, 10**8), required=True, help="number of examples")
     parser.add_argument(
         "--seed", type=int_in(0), default=0, help="stream seed (>= 0); example i uses rng([seed, i])"

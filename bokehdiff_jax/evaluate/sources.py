@@ -342,6 +342,14 @@ def read_exr(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise InputError(f"{path}: not a readable EXR file ({e})") from None
 
 
+def _preferred_file(folder: Path, stem: str) -> Path:
+    """``stem`` with the first suffix of ``IMAGE_SUFFIXES`` present: the release's EXR over previews."""
+    for suffix in IMAGE_SUFFIXES:
+        if (folder / f"{stem}{suffix}").is_file():
+            return folder / f"{stem}{suffix}"
+    raise InputError(f"{folder}: no {stem}{{{','.join(IMAGE_SUFFIXES)}}}")
+
+
 def _blb_image(path: Path) -> np.ndarray:
     """A BLB image as sRGB in [0, 1]: an EXR is linear light, encoded with gamma 2.2 (BokehMe's
     instructions) and clipped to [0, 1] (as its evaluation clips highlights above 1)."""
@@ -441,8 +449,8 @@ class BlbSource:
 
     def __getitem__(self, index: int) -> Example:
         scene, j, focus, strength = self.items[index]
-        image = _blb_image(_one_file(scene, "image", IMAGE_SUFFIXES, "image"))
-        target = _blb_image(_one_file(scene, f"bokeh_{self.level:02d}_{j:02d}", IMAGE_SUFFIXES, "render"))
+        image = _blb_image(_preferred_file(scene, "image"))
+        target = _blb_image(_preferred_file(scene, f"bokeh_{self.level:02d}_{j:02d}"))
         disp = _blb_disparity(scene)
         lo, hi = float(disp.min()), float(disp.max())
         if lo < 0.0 or hi > 1.0 or not 0.0 <= focus <= 1.0:

@@ -244,17 +244,34 @@ class BokehDiff:
         return {**variables, "unet": {**variables["unet"], LORA_COLLECTION: self.init_lora(key)}}
 
     # -------------------------------------------------------------------------------------- parts
-    def encode(self, variables: Variables, image_bhwc: jax.Array) -> jax.Array:
+    def encode(self, variables: Variables, image_bhwc: jax.Array, *, tile: int | None = None) -> jax.Array:
         """``z = (mean - shift) * scaling_factor``: ``[B, H, W, 3]`` in [-1, 1] -> ``[B, H/f, W/f, C]`` fp32.
-        Sides should be multiples of ``vae_factor`` (``apply`` pads); otherwise the VAE rounds down."""
+        Sides should be multiples of ``vae_factor`` (``apply`` pads); otherwise the VAE rounds down.
+
+        ``tile``: run the exact tiled VAE (``models.vae_tiling``, output tiles of ``tile`` px; host-driven,
+        not jittable) instead of the whole map at once; same values, bounded device memory."""
         cfg = self.vae.config
-        mean, _ = self.vae.apply(variables["vae"], image_bhwc, method="encode")
+        if tile is None:
+            mean, _ = self.vae.apply(variables["vae"], image_bhwc, method="encode")
+        else:
+            from bokehdiff_jax.models.vae_tiling import encode_tiled
+
+            mean, _ = encode_tiled(self.vae, variables["vae"], image_bhwc, tile=tile)
         return (mean.astype(jnp.float32) - cfg.shift_factor) * cfg.scaling_factor
 
-    def decode(self, variables: Variables, z_bhwc: jax.Array) -> jax.Array:
-        """``D(z / scaling_factor + shift)``: scaled latents -> ``[B, f h, f w, 3]``, about [-1, 1], fp32."""
+    def decode(self, variables: Variables, z_bhwc: jax.Array, *, tile: int | None = None) -> jax.Array:
+        """``D(z / scaling_factor + shift)``: scaled latents -> ``[B, f h, f w, 3]``, about [-1, 1], fp32.
+
+        ``tile``: the exact tiled VAE with output tiles of ``tile`` latents (``tile * f`` px), as in
+        ``encode``."""
         cfg = self.vae.config
-        x = self.vae.apply(variables["vae"], z_bhwc / cfg.scaling_factor + cfg.shift_factor, method="decode")
+        z = z_bhwc / cfg.scaling_factor + cfg.shift_factor
+        if tile is None:
+            x = self.vae.apply(variables["vae"], z, method="decode")
+        else:
+            from bokehdiff_jax.models.vae_tiling import decode_tiled
+
+            x = decode_tiled(self.vae, variables["vae"], z, tile=tile)
         return x.astype(jnp.float32)
 
     def predict_noise(

@@ -88,6 +88,18 @@ def resolve_focus(
     return focus_in_box(disparity, int(x0), int(y0), int(x1), int(y1))
 
 
+def stack_focus(disparity: np.ndarray, n: int) -> np.ndarray:
+    """The ``n`` focus disparities of a focal stack, ``[n]`` float32: evenly spread from the scene's
+    farthest (min) to its nearest (max) disparity; one image focuses midway. ``disparity``: ``[H, W]``."""
+    if n < 1:
+        raise InputError(f"focal stack needs n >= 1, got {n}")
+    d = np.asarray(disparity, np.float32)
+    lo, hi = np.float32(np.min(d)), np.float32(np.max(d))
+    if n == 1:
+        return np.asarray([(lo + hi) / np.float32(2)], np.float32)
+    return np.linspace(lo, hi, n, dtype=np.float32)
+
+
 def needed_radius(disparity: np.ndarray, focus: float | None, strength: float) -> int:
     """The largest CoC radius (whole pixels, rounded up) of a render: ``ceil(K max |d - d_f|)``.
 

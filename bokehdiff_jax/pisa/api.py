@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from bokehdiff_jax.errors import InputError
 from bokehdiff_jax.pisa.blockwise import blockwise_attention
-from bokehdiff_jax.pisa.config import DEFAULT_CONFIG, PisaConfig
+from bokehdiff_jax.pisa.config import DEFAULT_CONFIG, PisaConfig, resolve_impl
 from bokehdiff_jax.pisa.dense import dense_attention, dense_weights
 from bokehdiff_jax.pisa.geometry import CallArrays, Static, Tokens, prepare
 
@@ -30,11 +31,22 @@ def check_inputs(q, k, v, grid, disparity, focus, strength) -> None:
 
 
 def run_impl(st: Static, arrays: CallArrays, tq: Tokens, tk: Tokens, q, k, v, seq_axis: str | None = None):
-    """Dispatches to the configured implementation (queries ``tq`` against keys ``tk``)."""
-    impl = st.config.impl
+    """Dispatches to the configured implementation (queries ``tq`` against keys ``tk``); ``"auto"`` is
+    resolved here, from this call's (per-device) shapes and the backend (``config.resolve_impl``)."""
+    impl, keys_per_step = resolve_impl(
+        st.config,
+        batch=q.shape[0],
+        heads=q.shape[2],
+        n_q=q.shape[1],
+        n_k=k.shape[1],
+        train=st.train,
+        backend=jax.default_backend(),
+    )
     if impl == "dense":
         return dense_attention(st, arrays, tq, tk, q, k, v, seq_axis)
-    return blockwise_attention(st, arrays, tq, tk, q, k, v, seq_axis, sparse=impl == "sparse")
+    return blockwise_attention(
+        st, arrays, tq, tk, q, k, v, seq_axis, sparse=impl == "sparse", keys_per_step=keys_per_step
+    )
 
 
 def pisa_attention(

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from bokehdiff_jax.errors import InputError
 
-IMPLS = ("dense", "blockwise", "sparse")
+IMPLS = ("auto", "dense", "blockwise", "sparse")
 UNITS = ("pixels", "released")
 
 # The released code's inference hardness: the soft edge sigmoid(beta (r - dist)) with beta = log(1e7).
@@ -41,9 +41,13 @@ class PisaConfig:
         ``|d - d_f| K released_upsample / 10`` (the released code's CoC channel).
       released_scale, released_upsample: the constants of the ``"released"`` units.
       impl: ``"dense"`` (reference; materialises N x N, and N x N x T x S for occlusion), ``"blockwise"``
-        (O(N * block) memory, forward and backward) or ``"sparse"`` (blockwise skipping block pairs the
-        CoC cannot reach).
+        (O(N * block) memory, forward and backward), ``"sparse"`` (blockwise skipping block pairs the
+        CoC cannot reach) or ``"auto"``: chosen per call from the backend and sizes (``resolve_impl``).
+        All give the same result up to rounding (sparse: up to ``sparse_tolerance``).
       block_q, block_k: query and key block sizes (tokens) of blockwise and sparse.
+      keys_per_step: keys one loop iteration of blockwise/sparse visits (whole key blocks, at least one):
+        a CPU is fastest with one block pair per iteration, an accelerator needs a device's worth of work
+        per iteration. None: ``KEYS_PER_STEP`` of the backend.
       sparse_tolerance: sparse skips a pair of blocks when the soft edge is below this value on every
         (query, key) pair in it; 0 skips nothing (unless the edge is hard, where it skips exact zeros).
     """
@@ -60,9 +64,10 @@ class PisaConfig:
     units: str = "pixels"
     released_scale: float = 51.2
     released_upsample: float = 1.0
-    impl: str = "blockwise"
+    impl: str = "auto"
     block_q: int = 128
     block_k: int = 128
+    keys_per_step: int | None = None
     sparse_tolerance: float = 1e-6
 
     def __post_init__(self) -> None:
@@ -83,6 +88,8 @@ class PisaConfig:
             raise InputError(f"PisaConfig.train_occlusion_clamp={clamp}: expected None or in [0, 0.99]")
         if self.block_q < 1 or self.block_k < 1:
             raise InputError(f"PisaConfig blocks ({self.block_q}, {self.block_k}): expected >= 1")
+        if self.keys_per_step is not None and self.keys_per_step < 1:
+            raise InputError(f"PisaConfig.keys_per_step={self.keys_per_step}: expected None or >= 1")
         if not (0.0 <= self.sparse_tolerance < 0.5):
             raise InputError(f"PisaConfig.sparse_tolerance={self.sparse_tolerance}: expected in [0, 0.5)")
 
@@ -93,6 +100,34 @@ class PisaConfig:
 
 
 DEFAULT_CONFIG = PisaConfig()
+
+# impl="auto": dense while its working set, the [B, heads, Nq, Nk] float32 weights plus (with occlusion)
+# the [B, Nq, Nk, S] visibility samples, fits this many bytes (a training call, which keeps them for the
+# backward pass, gets a quarter); beyond it sparse (blockwise without the CoC). On a CPU dense loses to
+# sparse early (bench pisa: 5.6x slower at N = 1024); an accelerator runs dense fastest while it fits.
+DENSE_BUDGET = {"cpu": 16 * 2**20, "accelerator": 2**30}
+# keys_per_step=None: keys per loop iteration of blockwise/sparse. 0: one key block (a CPU's caches).
+KEYS_PER_STEP = {"cpu": 0, "accelerator": 8192}
+
+
+def _kind(backend: str) -> str:
+    return "cpu" if backend == "cpu" else "accelerator"
+
+
+def resolve_impl(
+    config: PisaConfig, *, batch: int, heads: int, n_q: int, n_k: int, train: bool, backend: str
+) -> tuple[str, int]:
+    """``(impl, keys_per_step)`` of a call: ``config.impl`` unless ``"auto"`` (see ``DENSE_BUDGET``), and
+    ``config.keys_per_step`` unless None (``KEYS_PER_STEP``; at least one key block)."""
+    kind = _kind(backend)
+    impl = config.impl
+    if impl == "auto":
+        per_pair = heads + (config.supersample if config.occlusion else 0)
+        dense_bytes = 4 * batch * n_q * n_k * per_pair
+        budget = DENSE_BUDGET[kind] // (4 if train else 1)
+        impl = "dense" if dense_bytes <= budget else "sparse" if config.coc else "blockwise"
+    keys = config.keys_per_step if config.keys_per_step is not None else KEYS_PER_STEP[kind]
+    return impl, max(keys, config.block_k)
 
 
 def training_hardness(step):

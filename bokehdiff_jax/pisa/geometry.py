@@ -168,6 +168,17 @@ def slice_tokens(t: Tokens, start, size: int) -> Tokens:
     )
 
 
+def take_tokens(t: Tokens, idx: jnp.ndarray) -> Tokens:
+    """Tokens at the (traced) indices ``idx [m]``, in that order."""
+    return Tokens(
+        jnp.take(t.xy, idx, axis=0),
+        jnp.take(t.disp, idx, axis=1),
+        jnp.take(t.radius, idx, axis=1),
+        jnp.take(t.offsets, idx, axis=1),
+        jnp.take(t.index, idx, axis=0),
+    )
+
+
 def _mix32(x: jnp.ndarray) -> jnp.ndarray:
     """A uint32 avalanche finaliser (xor-shift / multiply): a counter-based hash for dropout masks."""
     x = x ^ (x >> 16)

@@ -45,6 +45,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -61,7 +62,8 @@ _RIM_COLUMNS = 16  # sub-columns per cell to measure its part inside the disc
 
 @dataclasses.dataclass(frozen=True)
 class LayeredConfig:
-    """Settings of :func:`render_layers`; all static except ``gamma`` (traced).
+    """Settings of :func:`render_layers` (the tile, chunk and ``"points"`` sizes are static; changing
+    them recompiles).
 
     ``sampling``: ``"cells"`` or ``"points"`` (module docstring). Cells: ``rays_min``/``rays_max``
     bound the rays (aperture cells) per pixel; ``cell_px`` is the largest footprint of one cell on a
@@ -94,21 +96,45 @@ class LayeredConfig:
             raise ValueError(f"cell_px must be a positive number, got {self.cell_px!r}")
 
 
-jax.tree_util.register_dataclass(
-    LayeredConfig,
-    data_fields=["gamma"],
-    meta_fields=[
-        "sampling",
-        "rays_min",
-        "rays_max",
-        "cell_px",
-        "min_grid",
-        "tile",
-        "ray_chunk",
-        "num_rays",
-        "row_chunk",
-    ],
-)
+class _Plan(NamedTuple):
+    """The static part of a render (shapes and loop sizes): one compilation per distinct plan. Ray
+    bounds, ``cell_px``, ``min_grid`` and ``gamma`` are traced, so they never recompile, except that the
+    grid's array length ``grid_cap`` (a power of two >= the largest grid side) follows ``rays_max``."""
+
+    sampling: str
+    tile: int
+    ray_chunk: int
+    num_rays: int
+    row_chunk: int
+    grid_cap: int
+    crop: tuple[int, int, int, int]
+
+
+def _plan_and_params(config: LayeredConfig, crop: tuple[int, int, int, int]):
+    """``config`` split into its static ``_Plan`` and a dict of traced scalars."""
+    m_lo, m_hi = grid_bounds(config.rays_min, config.rays_max)
+    cells = config.sampling == "cells"
+    cap = 8
+    while cap < m_hi:
+        cap *= 2
+    plan = _Plan(
+        config.sampling,
+        config.tile if cells else 0,
+        config.ray_chunk,
+        0 if cells else config.num_rays,
+        0 if cells else config.row_chunk,
+        cap if cells else 0,
+        crop,
+    )
+    f32, i32 = jnp.float32, jnp.int32
+    params = {
+        "gamma": jnp.asarray(config.gamma, f32),
+        "cell_px": jnp.asarray(config.cell_px, f32),
+        "min_grid": jnp.asarray(config.min_grid, f32),
+        "m_lo": jnp.asarray(m_lo, i32),
+        "m_hi": jnp.asarray(m_hi, i32),
+    }
+    return plan, params
 
 
 # ------------------------------------------------------------------------------------- aperture grid
@@ -272,13 +298,13 @@ def _composite_front_to_back(prem_l4):
     return colour, 1.0 - transmit[-1]
 
 
-def _trace_cells(rgba, planes, focus, strength, config, crop):
+def _trace_cells(rgba, planes, focus, strength, params, plan):
     """``sampling="cells"``: ``rgba [L, H, W, 4]`` sRGB -> linear colour and coverage over ``crop``,
     and the rays per pixel of each tile ``[tiles_y, tiles_x]``."""
     n_layers, h, w, _ = rgba.shape
-    top, left, out_h, out_w = crop
-    t = config.tile
-    prem = _prepare(rgba.astype(jnp.float32), config.gamma)
+    top, left, out_h, out_w = plan.crop
+    t = plan.tile
+    prem = _prepare(rgba.astype(jnp.float32), params["gamma"])
     table = _tables(prem)
     c0, a, b = _plane_terms(planes.astype(jnp.float32), focus, h, w)
     base = jnp.arange(n_layers, dtype=jnp.int32) * ((h + 1) * (w + 1))  # each layer's first table row
@@ -291,9 +317,9 @@ def _trace_cells(rgba, planes, focus, strength, config, crop):
     present = counts_table(prem[..., 3] > 0)  # [L, H + 1, W + 1]
     opaque = counts_table(prem[..., 3] >= 1.0 - 2.0**-_FRAC_BITS)  # opaque up to the tables' precision
 
-    m_lo, m_hi = grid_bounds(config.rays_min, config.rays_max)
+    m_lo, m_hi = params["m_lo"], params["m_hi"]
     n_ty, n_tx = -(-out_h // t), -(-out_w // t)
-    chunk = config.ray_chunk
+    chunk = plan.ray_chunk
     offs = jnp.arange(t, dtype=jnp.float32) + 0.5
 
     def tile_fn(index):
@@ -326,10 +352,11 @@ def _trace_cells(rgba, planes, focus, strength, config, crop):
         # Footprints of at most cell_px pixels, and a grid of at least min_grid cells across the disc
         # (fewer only while a cell stays under a pixel): the rim cells then draw a round CoC.
         need = jnp.maximum(
-            jnp.ceil(2.0 * r_tile / config.cell_px), jnp.minimum(config.min_grid, jnp.ceil(2.0 * r_tile))
+            jnp.ceil(2.0 * r_tile / params["cell_px"]),
+            jnp.minimum(params["min_grid"], jnp.ceil(2.0 * r_tile)),
         )
         m = jnp.clip(need, m_lo, m_hi).astype(jnp.int32)
-        first, counts = _grid_rows(m, m_hi, jnp)
+        first, counts = _grid_rows(m, plan.grid_cap, jnp)
         n_cells = counts.sum()
 
         num = c0[:, None, None] + a[:, None, None] * px[None, None, :] + b[:, None, None] * py[None, :, None]
@@ -383,22 +410,22 @@ def _trace_cells(rgba, planes, focus, strength, config, crop):
     return c_sum[:out_h, :out_w], a_sum[:out_h, :out_w], rays.reshape(n_ty, n_tx)
 
 
-def _trace_points(rgba, planes, focus, strength, config, crop):
+def _trace_points(rgba, planes, focus, strength, params, plan):
     """``sampling="points"``: the same ray geometry with ``num_rays`` golden-angle points and bilinear
     lookups, over the whole canvas (then cropped)."""
     n_layers, h, w, _ = rgba.shape
-    prem = _prepare(rgba.astype(jnp.float32), config.gamma)
+    prem = _prepare(rgba.astype(jnp.float32), params["gamma"])
     c0, a, b = _plane_terms(planes.astype(jnp.float32), focus, h, w)
 
-    n_chunks = -(-config.num_rays // config.ray_chunk)
-    n_pad = n_chunks * config.ray_chunk
+    n_chunks = -(-plan.num_rays // plan.ray_chunk)
+    n_pad = n_chunks * plan.ray_chunk
     u = np.zeros((n_pad, 2), np.float32)
-    u[: config.num_rays] = aperture_samples(config.num_rays)
-    valid = (np.arange(n_pad) < config.num_rays).astype(np.float32)
-    u_chunks = jnp.asarray(u.reshape(n_chunks, config.ray_chunk, 2))
-    v_chunks = jnp.asarray(valid.reshape(n_chunks, config.ray_chunk))
+    u[: plan.num_rays] = aperture_samples(plan.num_rays)
+    valid = (np.arange(n_pad) < plan.num_rays).astype(np.float32)
+    u_chunks = jnp.asarray(u.reshape(n_chunks, plan.ray_chunk, 2))
+    v_chunks = jnp.asarray(valid.reshape(n_chunks, plan.ray_chunk))
 
-    rows = config.row_chunk
+    rows = plan.row_chunk
     n_row_chunks = -(-h // rows)
     px = jnp.arange(w, dtype=jnp.float32) + 0.5
 
@@ -426,31 +453,31 @@ def _trace_points(rgba, planes, focus, strength, config, crop):
 
     starts = jnp.arange(n_row_chunks, dtype=jnp.int32) * rows
     c_sum, a_sum = jax.lax.map(trace_rows, starts)
-    top, left, out_h, out_w = crop
+    top, left, out_h, out_w = plan.crop
     c_sum = c_sum.reshape(n_row_chunks * rows, w, 3)[top : top + out_h, left : left + out_w]
     a_sum = a_sum.reshape(n_row_chunks * rows, w)[top : top + out_h, left : left + out_w]
-    rays = jnp.full((1, 1), config.num_rays, jnp.int32)
+    rays = jnp.full((1, 1), plan.num_rays, jnp.int32)
     return c_sum, a_sum, rays
 
 
-def _trace(rgba, planes, focus, strength, config, crop):
+def _trace(rgba, planes, focus, strength, params, plan):
     """One scene -> sRGB ``[h, w, 3]`` over ``crop`` and the rays per pixel per tile."""
-    trace = _trace_cells if config.sampling == "cells" else _trace_points
-    c_sum, a_sum, rays = trace(rgba, planes, focus, strength, config, crop)
+    trace = _trace_cells if plan.sampling == "cells" else _trace_points
+    c_sum, a_sum, rays = trace(rgba, planes, focus, strength, params, plan)
     out = c_sum / jnp.maximum(a_sum, 1e-6)[..., None]
-    return jnp.clip(linear_to_srgb(out, config.gamma), 0.0, 1.0), rays
+    return jnp.clip(linear_to_srgb(out, params["gamma"]), 0.0, 1.0), rays
 
 
-@functools.partial(jax.jit, static_argnames="crop")
-def _render_layers_jit(rgba, planes, focus, strength, config, crop):
+@functools.partial(jax.jit, static_argnames="plan")
+def _render_layers_jit(rgba, planes, focus, strength, params, plan):
     batch = rgba.shape[:-4]
     if not batch:
-        return _trace(rgba, planes, focus, strength, config, crop)
+        return _trace(rgba, planes, focus, strength, params, plan)
     n = math.prod(batch)
     flat = lambda x, tail: jnp.broadcast_to(x, batch + tail).reshape((n,) + tail)
     # lax.map, not vmap: scenes one after another keep the memory bound of one scene.
     out, rays = jax.lax.map(
-        lambda args: _trace(*args, config, crop),
+        lambda args: _trace(*args, params, plan),
         (flat(rgba, rgba.shape[-4:]), flat(planes, planes.shape[-2:]), flat(focus, ()), flat(strength, ())),
     )
     return out.reshape(batch + out.shape[1:]), rays.reshape(batch + rays.shape[1:])
@@ -491,15 +518,9 @@ def render_layers(
     top, left, ch, cw = crop
     if not (0 <= top and 0 <= left and ch >= 1 and cw >= 1 and top + ch <= h and left + cw <= w):
         raise ValueError(f"crop (top, left, height, width) = {crop} must lie inside the {w}x{h} canvas")
-    config = jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), config)
-    out, rays = _render_layers_jit(
-        rgba_lhwc,
-        planes_l3,
-        jnp.asarray(focus, jnp.float32),
-        jnp.asarray(strength, jnp.float32),
-        config,
-        crop,
-    )
+    plan, params = _plan_and_params(config, crop)
+    focus, strength = jnp.asarray(focus, jnp.float32), jnp.asarray(strength, jnp.float32)
+    out, rays = _render_layers_jit(rgba_lhwc, planes_l3, focus, strength, params, plan)
     return (out, rays) if return_rays else out
 
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from bokehdiff_jax.errors import InputError
+from bokehdiff_jax.physics.focus import stack_focus
 from bokehdiff_jax.physics.optics import linear_to_srgb
 from bokehdiff_jax.render.scatter import (
     ScatterConfig,
@@ -20,13 +20,8 @@ from bokehdiff_jax.render.scatter import (
 _DEFAULT_CONFIG = ScatterConfig()
 
 
-@functools.partial(jax.jit, static_argnames="n")
-def _focal_stack_jit(image, disparity, strength, config, n):
-    lo, hi = jnp.min(disparity), jnp.max(disparity)
-    if n == 1:
-        focus_n = ((lo + hi) / 2)[None]
-    else:
-        focus_n = jnp.linspace(lo, hi, n)
+@jax.jit
+def _focal_stack_jit(image, disparity, focus_n, strength, config):
     lin = _to_linear(image, config)
 
     def one(f):
@@ -54,6 +49,7 @@ def focal_stack(
     _check_shapes(image_hwc, disparity_hw)
     if image_hwc.ndim != 3:
         raise InputError(f"focal_stack takes one image [H, W, 3], got {image_hwc.shape}")
+    focus_n = jnp.asarray(stack_focus(np.asarray(disparity_hw), n))  # the one rule, shared with the model
     return _focal_stack_jit(
-        image_hwc, disparity_hw, jnp.asarray(strength, jnp.float32), _as_traced(config), n
+        image_hwc, disparity_hw, focus_n, jnp.asarray(strength, jnp.float32), _as_traced(config)
     )

@@ -42,21 +42,37 @@ PAD_MODES = {"reflect": "reflect", "edge": "replicate"}
 
 
 def _load_component(base: str | os.PathLike, component: str, dtype: torch.dtype) -> torch.nn.Module:
-    """A diffusers model built from the base's config and loaded strictly from its weights (our checkpoint
-    or a diffusers folder: ``BaseTensors`` gives both in diffusers names and PyTorch layouts)."""
+    """A diffusers model built from the base's config and filled strictly from its weights (our checkpoint
+    or a diffusers folder: ``BaseTensors`` gives both in diffusers names and PyTorch layouts), one tensor
+    at a time into uninitialised storage (no random init, no second copy of the model)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     cls = UNet2DConditionModel if component == "unet" else AutoencoderKL
     with BaseTensors(base, component) as t:
-        model = cls.from_config(read_config(t.folder))
-        state = {k: torch.from_numpy(np.asarray(t.read(k), np.float32)) for k in t.specs}
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise InputError(
-            f"{base} {component}: weights do not match its config: missing {result.missing_keys[:10]}, "
-            f"unexpected {result.unexpected_keys[:10]}"
-        )
-    return model.to(dtype).eval().requires_grad_(False)
+        config = read_config(t.folder)
+        with torch.device("meta"):
+            model = cls.from_config(config)
+        model = model.to_empty(device="cpu")
+        state = model.state_dict(keep_vars=True)
+        if any(n not in state for n, _ in model.named_buffers()):
+            model = cls.from_config(config)  # non-persistent buffers need their real initialisation
+            state = model.state_dict(keep_vars=True)
+        missing, unexpected = sorted(set(state) - set(t.specs)), sorted(set(t.specs) - set(state))
+        if missing or unexpected:
+            shown = (
+                f"missing {missing[:10]} ({len(missing)}), unexpected {unexpected[:10]} ({len(unexpected)})"
+            )
+            raise InputError(f"{base} {component}: weights do not match its config: {shown}")
+        with torch.no_grad():
+            for name, tensor in state.items():
+                src = torch.from_numpy(np.asarray(t.read(name)))
+                if tuple(src.shape) != tuple(tensor.shape):
+                    raise InputError(f"{base} {component}: {name} is {tuple(src.shape)}, the config says "
+                                     f"{tuple(tensor.shape)}")  # fmt: skip
+                tensor.copy_(src)
+    if dtype != torch.float32:
+        model = model.to(dtype)
+    return model.eval().requires_grad_(False)
 
 
 def _load_lora(unet: torch.nn.Module, export_dir: Path) -> None:

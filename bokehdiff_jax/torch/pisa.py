@@ -153,7 +153,7 @@ def log_coc(g: Geometry, q_slice: slice) -> torch.Tensor:
         # SPEC 2: ||P_i - P_j|| <= r_j, so an in-focus key (r_j = 0) still reaches its own query.
         out = torch.where(dist <= r, 0.0, -math.inf)
     else:
-        out = F.logsigmoid(torch.tensor(g.beta, dtype=torch.float32) * (r - dist))
+        out = F.logsigmoid(torch.tensor(g.beta, dtype=torch.float32, device=r.device) * (r - dist))
     return out[:, None]
 
 
@@ -241,8 +241,8 @@ def pisa_attention(
     outs = []
     if config.softmax_q:
         # Pass 1: each key's column max and normaliser over all queries (online over query chunks).
-        m = torch.full((b, heads, 1, n), -math.inf)
-        z = torch.zeros((b, heads, 1, n))
+        m = torch.full((b, heads, 1, n), -math.inf, device=qf.device)
+        z = torch.zeros((b, heads, 1, n), device=qf.device)
         for sl in slices:
             lg = logits(sl)
             m_new = torch.maximum(m, lg.amax(dim=-2, keepdim=True))

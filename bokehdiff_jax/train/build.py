@@ -233,6 +233,21 @@ def make_run(
 
 
 # ---------------------------------------------------------------------------------------- values
+def base_variables(config: ml_collections.ConfigDict, model: Any, base: str | None = None) -> dict:
+    """The run's base variables ``{"unet": {"params"}, "vae": {"params"}, "cond"}`` (no LoRA): a random
+    base drawn from ``key(config.seed)`` with ``random_prompt_embeds(seed)``, or ``config.base`` (or
+    ``base``, the same weights elsewhere) loaded in the compute dtype. The inference pipeline rebuilds a
+    run's frozen weights with it."""
+    source = config.base if base is None else base
+    if source == RANDOM:
+        variables = model.init_base_params(jax.random.key(config.seed))
+        cond = random_prompt_embeds(model.unet.config, config.seed)
+        return {**variables, "cond": {k: jnp.asarray(v) for k, v in cond.items()}}
+    from bokehdiff_jax.convert.base import load_base
+
+    return load_base(source, dtype=compute_dtype(config), seed=config.seed, prompt_seed=config.seed).variables
+
+
 def initial_values(run: Run) -> tuple[TrainState, dict]:
     """``(state at step 0, frozen)`` as sharded arrays: a random base made in place by one ``jit``, or a
     converted base loaded from ``config.base`` and placed shard by shard."""
@@ -240,16 +255,7 @@ def initial_values(run: Run) -> tuple[TrainState, dict]:
     seed_key = run.seed_key
     model_sh = run.frozen_shardings["model"]
     train_sh = run.state_shardings.params["model"]
-    if config.base == RANDOM:
-        variables = model.init_base_params(seed_key)
-        cond = random_prompt_embeds(run.unet_config, config.seed)
-        variables = {**variables, "cond": {k: jnp.asarray(v) for k, v in cond.items()}}
-    else:
-        from bokehdiff_jax.convert.base import load_base
-
-        variables = load_base(
-            config.base, dtype=compute_dtype(config), seed=config.seed, prompt_seed=config.seed
-        ).variables
+    variables = base_variables(config, model)
     trainable, model_frozen = _split(config, model.add_lora(variables, jax.random.fold_in(seed_key, 1)))
     trainable = jax.device_put(trainable, train_sh)
     model_frozen = jax.device_put(model_frozen, model_sh)
@@ -291,6 +297,7 @@ def param_counts(run: Run) -> tuple[dict[str, int], dict[str, int]]:
 
 __all__ = [
     "BATCH_KEYS",
+    "base_variables",
     "Run",
     "abstract_batch",
     "architecture",

@@ -18,11 +18,14 @@ the background.
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Any
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from bokehdiff_jax.errors import InputError
@@ -105,3 +108,60 @@ class Checkpoints:
 
     def close(self) -> None:
         self.manager.close()
+
+
+# ------------------------------------------------------------------ reading a workdir (export, inference)
+def is_workdir(path: str | os.PathLike) -> bool:
+    """True for a training workdir or one of its ``checkpoints/<step>`` folders."""
+    p = Path(path)
+    return (p / CHECKPOINTS).is_dir() or ((p / "state").is_dir() and (p / "config").is_dir())
+
+
+def checkpoint_dir(path: str | os.PathLike, step: int | None = None) -> Path:
+    """The checkpoint folder: ``path`` itself (a ``checkpoints/<step>`` folder), or the workdir's
+    ``checkpoints/<step>`` (default: the latest complete one)."""
+    p = Path(path)
+    if (p / "state").is_dir() and (p / "config").is_dir():
+        if step is not None and p.name != str(step):
+            raise InputError(f"{p} is the checkpoint of step {p.name}, not {step}")
+        return p
+    root = p / CHECKPOINTS
+    steps = sorted(int(c.name) for c in root.iterdir() if c.name.isdigit() and (c / "state").is_dir())
+    if not steps:
+        raise InputError(f"{p}: no complete checkpoint under {root}")
+    if step is None:
+        return root / str(steps[-1])
+    if step not in steps:
+        raise InputError(f"{p}: no checkpoint of step {step} (have {steps})")
+    return root / str(step)
+
+
+def read_checkpoint_config(ckpt: str | os.PathLike) -> dict[str, Any]:
+    """The run config (JSON dict) saved with the checkpoint folder ``ckpt``."""
+    path = Path(ckpt) / "config" / "metadata"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{Path(ckpt) / 'config'}: no readable run config ({e})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: the run config is not a JSON object")
+    return data
+
+
+def restore_model_params(state_dir: str | os.PathLike) -> dict[str, Any]:
+    """``params["model"]`` of a saved ``TrainState`` (the trainable model tree), as float32 NumPy arrays,
+    by a partial restore: nothing else (optimiser state, discriminator) is read."""
+    state_dir = Path(state_dir)
+    try:
+        tree = ocp.StandardCheckpointer().metadata(state_dir).item_metadata.tree
+        sub = {"params": {"model": tree["params"]["model"]}}
+    except (KeyError, TypeError, ValueError, FileNotFoundError) as e:
+        raise InputError(f"{state_dir}: not a training state with params['model'] ({e})") from None
+    is_leaf = lambda x: hasattr(x, "shape") and hasattr(x, "dtype")  # noqa: E731
+    item = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), sub, is_leaf=is_leaf)
+    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), sub, is_leaf=is_leaf)
+    with ocp.PyTreeCheckpointer() as ck:
+        out = ck.restore(
+            state_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=args, partial_restore=True)
+        )
+    return jax.tree.map(lambda x: np.asarray(x, np.float32), out["params"]["model"])

@@ -22,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="compile the step from abstract shapes only; write WORKDIR/dry_run.json and exit",
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar, metrics or TensorBoard output")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (metrics.jsonl and TensorBoard are still written)")
     p.epilog = "Any config key can be overridden: --config.KEY=VALUE (e.g. --config.steps=100)."
     p.set_defaults(_accepts_extra=True)
 

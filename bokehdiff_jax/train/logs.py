@@ -52,10 +52,18 @@ def image_grid(batch: dict[str, np.ndarray], output: np.ndarray, rows: int = 4) 
 
 
 class Monitor:
-    """Progress bar, metrics file and TensorBoard of one run (no-ops on processes other than 0)."""
+    """Progress bar, metrics file and TensorBoard of one run (no-ops where ``enabled`` is False: processes
+    other than 0). ``progress=False`` hides the bar only."""
 
     def __init__(
-        self, workdir: str | Path, *, start_step: int, total_steps: int, batch_size: int, enabled: bool = True
+        self,
+        workdir: str | Path,
+        *,
+        start_step: int,
+        total_steps: int,
+        batch_size: int,
+        enabled: bool = True,
+        progress: bool = True,
     ) -> None:
         self.enabled = enabled
         self.batch_size = batch_size
@@ -72,7 +80,14 @@ class Monitor:
         self._tb = SummaryWriter(
             str(self.workdir / TENSORBOARD), purge_step=start_step + 1 if start_step > 0 else None
         )
-        self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, mininterval=1.0)
+        self._bar = tqdm(
+            total=total_steps,
+            initial=start_step,
+            unit="step",
+            dynamic_ncols=True,
+            mininterval=1.0,
+            disable=not progress,
+        )
 
     def _truncate(self, start_step: int) -> None:
         path = self.workdir / METRICS

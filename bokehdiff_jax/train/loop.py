@@ -170,7 +170,12 @@ def train(
     config_json = config_lib.to_dict(config)
     predict = jax.jit(run.objective.predict)
     monitor = Monitor(
-        workdir, start_step=start, total_steps=config.steps, batch_size=config.batch_size, enabled=lead and progress
+        workdir,
+        start_step=start,
+        total_steps=config.steps,
+        batch_size=config.batch_size,
+        enabled=lead,
+        progress=progress,
     )
     pending: list[tuple[int, Any, Any]] = []  # (step, device metrics, (host batch, device output) | None)
 

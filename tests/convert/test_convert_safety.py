@@ -213,3 +213,11 @@ def test_an_integer_tensor_in_diffusers_weights_is_refused(vae_src, tmp_path):
         with pytest.raises(InputError, match=r"floating point.*decoder\.conv_in\.bias \(I32\)"):
             call()
     assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_named_config_json_is_an_input_error(vae_src, tmp_path):
+    src = _copy(vae_src, tmp_path / "vae")
+    (src / "config.json").unlink()
+    (src / "config.json").mkdir()
+    with pytest.raises(InputError, match="config.json: cannot read it"):
+        weights.read_config(src)  # a traceback (IsADirectoryError) before

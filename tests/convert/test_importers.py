@@ -184,7 +184,7 @@ def test_lora_shapes_from_the_header_equal_the_models_own(tmp_path):
     from bokehdiff_jax.convert.trained import base_configs
     from bokehdiff_jax.models.unet import UNet2DConditionModel
 
-    for name in ("sdxl", "sd15"):  # linear and 1x1-conv projections
+    for name in ("mini", "sd15"):  # linear and 1x1-conv projections
         base = write_base(tmp_path / name, name)
         lora = LoRAConfig(rank=3)
         unet_config, _ = base_configs(base)

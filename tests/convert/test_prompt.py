@@ -116,11 +116,11 @@ def test_refiner_pipeline_notes_the_skipped_prompt_and_takes_five_time_ids(tmp_p
 
     tok = _tokenizer(tmp_path, max_length=12)
     cfg = {  # the smallest text_time U-Net: only its added conditioning matters here
-        "block_out_channels": [8, 16],
-        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
-        "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+        "block_out_channels": [8],
+        "down_block_types": ["DownBlock2D"],
+        "up_block_types": ["UpBlock2D"],
         "layers_per_block": 1,
-        "attention_head_dim": [1, 2],
+        "attention_head_dim": [1],
         "cross_attention_dim": 16,
         "norm_num_groups": 4,
         "use_linear_projection": True,
