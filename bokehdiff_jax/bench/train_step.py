@@ -28,6 +28,7 @@ import time
 from typing import Any
 
 from bokehdiff_jax.bench.unet import SMALL_SDXL
+from bokehdiff_jax.io.flags import int_in
 
 # SDXL's VAE layout (4 levels: 8x downsampling, 2 ResNets per level, mid-block attention, fp32 upcast,
 # SDXL's scaling factor) at 1/4 of its width.
@@ -47,9 +48,11 @@ LOSS_TOL = 1e-4
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
-    parser.add_argument("--batch", type=int, default=2, help="images per step (default 2)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (default 5)")
+    parser.add_argument(
+        "--size", type=int_in(8, 4096), default=256, help="image side in pixels (default 256)"
+    )
+    parser.add_argument("--batch", type=int_in(1, 256), default=2, help="images per step (default 2)")
+    parser.add_argument("--repeats", type=int_in(1, 1000), default=5, help="timed rounds (default 5)")
     parser.add_argument(
         "--threads",
         default="1,2",
@@ -57,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "machine gives, in this process",
     )
     parser.add_argument("--no-pisa-line", action="store_true", help="skip the PISA-on line (ours only)")
-    parser.add_argument("--seed", type=int, default=0, help="weights and data seed (default 0)")
+    parser.add_argument("--seed", type=int_in(0), default=0, help="weights and data seed (default 0)")
 
 
 def bench_config(

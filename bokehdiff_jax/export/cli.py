@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+from bokehdiff_jax.io.flags import int_in
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("ckpt", help="trained-model folder, training workdir, or a checkpoints/<step> folder")
@@ -18,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--base", default=None, help="base for --merge (default: the one the model records)")
     parser.add_argument(
-        "--step", type=int, default=None, help="checkpoint step of a workdir (default: latest)"
+        "--step", type=int_in(0), default=None, help="checkpoint step of a workdir (default: latest)"
     )
     parser.add_argument(
         "--no-fingerprint",
