@@ -99,7 +99,8 @@ class LayeredConfig:
 class _Plan(NamedTuple):
     """The static part of a render (shapes and loop sizes): one compilation per distinct plan. Ray
     bounds, ``cell_px``, ``min_grid`` and ``gamma`` are traced, so they never recompile, except that the
-    grid's array length ``grid_cap`` (a power of two >= the largest grid side) follows ``rays_max``."""
+    grid's array length ``grid_cap`` (a power of two >= 128 and >= the largest grid side) follows a
+    ``rays_max`` above 12,800."""
 
     sampling: str
     tile: int
@@ -114,7 +115,7 @@ def _plan_and_params(config: LayeredConfig, crop: tuple[int, int, int, int]):
     """``config`` split into its static ``_Plan`` and a dict of traced scalars."""
     m_lo, m_hi = grid_bounds(config.rays_min, config.rays_max)
     cells = config.sampling == "cells"
-    cap = 8
+    cap = 128  # grids up to 128 cells a side (12,800 rays) share one compilation
     while cap < m_hi:
         cap *= 2
     plan = _Plan(

@@ -17,7 +17,7 @@ from bokehdiff_jax.render import (
 )
 
 S = 48
-RAYS = LayeredConfig(rays_max=512, tile=16)
+RAYS = LayeredConfig()  # one plan for the 48 px scenes: one compilation shared by the tests
 
 
 def smooth_bg(seed=0):
@@ -73,16 +73,15 @@ def test_box_means_are_exact_integrals():
 
 
 def test_aperture_cells_tile_the_disc_and_respect_the_ray_bounds():
-    for m in (1, 2, 5, 16, 33):
-        first, counts = layered._grid_rows(m, m)
-        n = int(counts.sum())
-        assert n == layered.grid_cells(m)
-        centre, half, weight = (
-            np.asarray(v)
-            for v in layered._cells(
-                jax.numpy.int32(m), jax.numpy.arange(n, dtype=jax.numpy.int32), first, counts
-            )
-        )
+    @jax.jit
+    def cells(m):  # every cell of grid side m (traced), padded to a fixed length
+        first, counts = layered._grid_rows(m, 64, jax.numpy)
+        k = jax.numpy.arange(4096, dtype=jax.numpy.int32)
+        return layered._cells(m, jax.numpy.minimum(k, counts.sum() - 1), first, counts)
+
+    for m in (1, 2, 5, 16, 33, 64):
+        n = layered.grid_cells(m)
+        centre, half, weight = (np.asarray(v)[:n] for v in cells(jax.numpy.int32(m)))
         assert weight.sum() == pytest.approx(np.pi, rel=5e-3 / m)  # the cells cover the disc
         assert (weight > 0).all() and (np.hypot(*centre.T) < 1).all()
         # a box per cell with the area of its part inside the disc
@@ -222,7 +221,7 @@ def test_default_targets_converged_against_many_rays(focus):
 def test_batched_and_no_recompile():
     rgba, planes = scene()
     rgba2 = np.stack([smooth_bg(5), square_fg((0.1, 0.8, 0.2))])
-    cfg = LayeredConfig(rays_max=64)
+    cfg = RAYS
     one = render_layers(rgba, planes, 0.3, 8.0, config=cfg)
     size = layered._render_layers_jit._cache_size()
     two = render_layers(rgba2, planes, 0.6, 5.0, config=cfg)
@@ -284,10 +283,12 @@ def test_bad_arguments_raise():
             LayeredConfig(**bad)
 
 
-def test_jit_cache_key_ignores_python_vs_numpy_scalars():
+def test_jit_cache_key_ignores_scalars_and_ray_bounds():
     rgba, planes = scene()
-    cfg = LayeredConfig(rays_max=4)
-    jax.block_until_ready(render_layers(rgba, planes, 0.5, 4.0, config=cfg))
+    jax.block_until_ready(render_layers(rgba, planes, 0.5, 4.0, config=RAYS))
     size = layered._render_layers_jit._cache_size()
-    jax.block_until_ready(render_layers(rgba, planes, np.float64(0.5), 4, config=cfg))
+    jax.block_until_ready(render_layers(rgba, planes, np.float64(0.5), 4, config=RAYS))
+    # Ray bounds, cell size and gamma are traced: other values reuse the compiled tracer.
+    other = LayeredConfig(rays_min=2, rays_max=4, cell_px=3.0, min_grid=4, gamma=2.0)
+    jax.block_until_ready(render_layers(rgba, planes, 0.5, 4.0, config=other))
     assert layered._render_layers_jit._cache_size() == size
