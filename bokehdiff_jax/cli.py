@@ -16,7 +16,7 @@ from bokehdiff_jax.errors import InputError
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("bokehdiff_jax.convert.cli", "convert weights between diffusers and bokehdiff_jax"),
-    "render": ("bokehdiff_jax.render.cli", "render lens blur from an image and its disparity map"),
+    "render": ("bokehdiff_jax.commands.render", "render lens blur from an image and its disparity map"),
     "synth": ("bokehdiff_jax.data.cli", "synthesize paired all-in-focus / bokeh training data"),
     "demo": ("bokehdiff_jax.demo", "the main job on the embedded default data"),
     "train": ("bokehdiff_jax.train.cli", "train BokehDiff (configs/*.py, checkpoints, resume, dry run)"),

@@ -17,15 +17,21 @@ BENCHMARKS: dict[str, str] = {
     "render": "scatter renderer and layered ray tracer vs a NumPy scatter reference: throughput",
     "synth": "synthesized targets: cost and convergence vs many-ray renders, blur distribution vs released",
     "export": "export / import of a full-size SDXL LoRA (rank 8) + VAE parts: time and peak RSS",
+    "onestep": "one-step render with a trained model: JAX vs PyTorch on CPU; full-SDXL AOT memory/FLOPs",
+    "train-step": "one LoRA training step (model, MSE + edge + LPIPS, backward, AdamW): JAX vs PyTorch",
 }
+
+
+def _module(name: str) -> str:
+    return f"bokehdiff_jax.bench.{name.replace('-', '_')}"  # train-step -> bench/train_step.py
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
     for name, help_ in BENCHMARKS.items():
         p = sub.add_parser(name, help=help_, description=help_)
-        importlib.import_module(f"bokehdiff_jax.bench.{name}").add_arguments(p)
+        importlib.import_module(_module(name)).add_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    return importlib.import_module(f"bokehdiff_jax.bench.{args.benchmark}").run(args)
+    return importlib.import_module(_module(args.benchmark)).run(args)

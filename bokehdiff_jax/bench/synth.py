@@ -143,7 +143,9 @@ def _conv(args: argparse.Namespace) -> None:
             out = np.asarray(jax.block_until_ready(out))
             return out, float(np.asarray(rays).mean()), time.perf_counter() - t0
 
-        ref_cells, _, t_ref = render(LayeredConfig(rays_min=args.ref_rays, rays_max=args.ref_rays))
+        # A fixed ray count does not depend on the tiles: larger ones mean fewer loop steps.
+        ref_config = LayeredConfig(rays_min=args.ref_rays, rays_max=args.ref_rays, tile=64, ray_chunk=64)
+        ref_cells, _, t_ref = render(ref_config)
         ref_points, _, _ = render(LayeredConfig(sampling="points", num_rays=args.ref_rays, ray_chunk=64))
         n_old = old_ray_count(scene.meta["times"])
         rows = (

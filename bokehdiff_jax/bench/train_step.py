@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import statistics
 import subprocess
@@ -112,7 +113,8 @@ def make_batch(size: int, batch: int, seed: int) -> dict:
 
 @dataclasses.dataclass
 class JaxSide:
-    """Our compiled step and its arguments; ``step()`` runs one update and returns its metrics."""
+    """Our step and its arguments: ``step()`` runs one compiled update and returns its metrics;
+    ``loss_terms()`` evaluates the step's loss function (``Objective.loss``) at the current state."""
 
     run: Any
     compiled: Any
@@ -127,10 +129,29 @@ class JaxSide:
         self.state, metrics = self.compiled(self.state, self.frozen, self.batch, self.run.run_key)
         return jax.block_until_ready(metrics)
 
+    def loss_terms(self, params: Any = None) -> dict[str, float]:
+        """The terms the step would report (``loss`` = the weighted total) for ``params`` (default: the
+        current ones), without a gradient: the forward pass alone compiles in a fraction of the step's
+        time."""
+        import jax
 
-def build_jax(config: Any, batch: dict, *, lora_b_std: float = 0.0) -> JaxSide:
-    """Our step for ``config`` on one device, compiled; ``lora_b_std > 0`` moves the LoRA B factors off
-    zero (seeded), so a test sees the LoRA in the forward pass."""
+        s = self.state
+        key = jax.random.fold_in(self.run.run_key, s.step)  # as train.step draws it
+        terms = self._loss_fn(
+            s.params if params is None else params, s.carry, self.frozen, self.batch, key, s.step
+        )
+        return {k: float(v) for k, v in terms.items()}
+
+    @functools.cached_property
+    def _loss_fn(self) -> Any:
+        import jax
+
+        return jax.jit(lambda p, c, f, b, k, t: self.run.objective.loss(p, c, f, b, k, t)[1][0])
+
+
+def build_jax(config: Any, batch: dict, *, lora_b_std: float = 0.0, compile: bool = True) -> JaxSide:
+    """Our step for ``config`` on one device, compiled (unless ``compile=False``); ``lora_b_std > 0``
+    moves the LoRA B factors off zero (seeded), so a test sees the LoRA in the forward pass."""
     import jax
 
     from bokehdiff_jax import sharding
@@ -141,15 +162,16 @@ def build_jax(config: Any, batch: dict, *, lora_b_std: float = 0.0) -> JaxSide:
     run = make_run(config, mesh=mesh)
     state, frozen = initial_values(run)
     if lora_b_std > 0:
-        key = jax.random.fold_in(run.seed_key, 7)
-
-        def move(path, x):
-            if getattr(path[-1], "key", None) != "B":
-                return x
-            return lora_b_std * jax.random.normal(jax.random.fold_in(key, hash(str(path)) % 2**31), x.shape)
-
-        state = state.replace(params=jax.tree_util.tree_map_with_path(move, state.params))
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(state.params)
+        keys = jax.random.split(jax.random.fold_in(run.seed_key, 7), len(leaves))
+        moved = [
+            lora_b_std * jax.random.normal(k, x.shape, x.dtype) if getattr(p[-1], "key", None) == "B" else x
+            for (p, x), k in zip(leaves, keys, strict=True)
+        ]
+        state = state.replace(params=jax.tree_util.tree_unflatten(treedef, moved))
     jbatch = jax.device_put(batch, run.batch_shardings)
+    if not compile:
+        return JaxSide(run, None, state, frozen, jbatch, 0.0)
     t0 = time.perf_counter()
     compiled = compile_step(
         run.train_step,
@@ -242,9 +264,8 @@ def _one(args: argparse.Namespace, threads: int) -> int:
         f"trained: LoRA r8 + VAE encoder parts), batch {args.batch} x {args.size}^2, fp32, CPU, "
         f"threads: XLA pool {os.environ.get('PJRT_NPROC', 'default')}, torch {torch.get_num_threads()}"
     )
-    print(
-        f"  compile (apart): ours {off.compile_s:.1f} s" + (f", ours + PISA {on.compile_s:.1f} s" if on else "")
-    )
+    pisa_compile = f", ours + PISA {on.compile_s:.1f} s" if on else ""
+    print(f"  compile (apart): ours {off.compile_s:.1f} s{pisa_compile}")
     # Step 0 and step 1: the losses of the same weights, then after one update on each side.
     losses = []
     for _ in range(2):

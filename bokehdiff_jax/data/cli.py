@@ -37,7 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--seed", type=int_in(0), default=0, help="stream seed (>= 0); example i uses rng([seed, i])"
     )
     parser.add_argument(
-        "--size", type=int_in(16, 4096), default=768, help="output canvas side in pixels, 16..4096 (768)"
+        "--size",
+        type=int_in(16, 4096),
+        default=768,
+        help="output canvas side in pixels, 16..4096 (768); the blur scales with it",
     )
     parser.add_argument(
         "--start", type=int_in(0, 10**12), default=0, help="first example index (to split work)"
@@ -52,17 +55,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--log2-times",
-        type=float_in(-8, 6),  # K up to 12 * 64 = 768 px: beyond that a scene takes hours
+        type=float_in(-8, 6),  # CoC radii up to 12 * 64 = 768 px at 768: beyond that, hours a scene
         nargs=2,
         metavar=("LO", "HI"),
         default=None,
-        help="blur multiplier range, each in [-8, 6]: K = 12 * 2**U(LO, HI) px (-2 3)",
+        help="blur multiplier range, each in [-8, 6]: largest CoC radius 12 * 2**U(LO, HI) px at 768 px, "
+        "scaled with --size; K = that / max(d_f, 1 - d_f) (-2 3)",
+    )
+    parser.add_argument(
+        "--rays-min",
+        type=int_in(1, 65536),
+        default=None,
+        help="fewest rays (aperture cells) per pixel, 1..65536 (default: the synthesis config's, 1)",
     )
     parser.add_argument(
         "--rays-max",
-        type=int_in(1, 4096),
+        type=int_in(1, 65536),
         default=None,
-        help="cap on rays per pixel, 1..4096 (default: the synthesis config's)",
+        help="most rays per pixel, 1..65536 (default: the synthesis config's, 4096); e.g. "
+        "--rays-min 8192 --rays-max 8192 forces a reference render",
     )
     parser.add_argument(
         "--workers",
@@ -90,6 +101,9 @@ def config_from_args(args: argparse.Namespace):
         kw["log2_times"] = tuple(args.log2_times)
     if args.rays_max is not None:
         kw["rays_max"] = args.rays_max
+    if getattr(args, "rays_min", None) is not None:
+        kw["rays_min"] = args.rays_min
+        kw.setdefault("rays_max", max(args.rays_min, SynthConfig.rays_max))
     try:
         return SynthConfig(**kw)
     except ValueError as e:

@@ -91,18 +91,9 @@ def model_renderer(path: str) -> Renderer:
     in [-1, 1]``, deterministic, compiled once per shape. This adapter maps [0, 1] <-> [-1, 1] and runs
     one image at a time.
     """
-    try:
-        from bokehdiff_jax.pipeline import OneStep
-    except ModuleNotFoundError as e:
-        # WIRING NOTE: this build has no bokehdiff_jax.pipeline yet; once pipeline/ exports OneStep with
-        # the contract above, this branch works unchanged (tests/evaluate/test_eval_cli.py then runs it).
-        if (e.name or "").startswith("bokehdiff_jax.pipeline"):
-            raise InputError(
-                "--method model:PATH needs the one-step inference (bokehdiff_jax.pipeline.OneStep), "
-                "which this build does not have yet"
-            ) from None
-        raise
     import jax.numpy as jnp
+
+    from bokehdiff_jax.pipeline import OneStep
 
     model = OneStep.from_checkpoint(path)
 

@@ -88,17 +88,37 @@ def dot_product_attention(q_bqhd: jax.Array, k_bkhd: jax.Array, v_bkhd: jax.Arra
     return jnp.swapaxes(o, 1, 2).astype(dtype)
 
 
-def vanilla_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray) -> jnp.ndarray:
-    """Softmax attention ``[B, Q, H, D] x [B, K, H, D] -> [B, Q, H, D]``.
+# Vanilla attention holding more than this many [B, H, Q, K] logits at once runs in query chunks (exact:
+# the softmax is per query), so high resolutions stay in memory: SDXL at 2048 px has 16384-token
+# self-attentions with 10 heads, 10.7 GB of fp32 logits in one piece; 2**28 elements are 1 GiB.
+VANILLA_CHUNK_ELEMENTS = 2**28
 
-    On GPU and TPU, ``jax.nn.dot_product_attention`` (it picks cuDNN's fused flash attention where it
-    can). On CPU, where XLA has no fused kernel and that function runs 3.9x slower than the same maths
-    normalised after the value product, ``dot_product_attention`` (equal values and gradients,
-    tests/models/test_layers.py). Chosen at trace time from the default backend.
-    """
+
+def _attention_whole(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray) -> jnp.ndarray:
     if jax.default_backend() == "cpu":
         return dot_product_attention(q, k, v)
     return jax.nn.dot_product_attention(q, k, v)
+
+
+def vanilla_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray) -> jnp.ndarray:
+    """Softmax attention ``[B, Q, H, D] x [B, K, H, D] -> [B, Q, H, D]``.
+
+    On GPU and TPU, ``jax.nn.dot_product_attention`` (its XLA implementation, which XLA fuses). On CPU,
+    where that function runs 3.9x slower than the same maths normalised after the value product,
+    ``dot_product_attention`` (equal values and gradients, tests/models/test_layers.py). Chosen at trace
+    time from the default backend. Above ``VANILLA_CHUNK_ELEMENTS`` logits the queries go in chunks
+    (``lax.map``: one chunk's logits live at a time).
+    """
+    b, n_q, h, d = q.shape
+    per_query = b * h * k.shape[1]
+    if n_q * per_query <= VANILLA_CHUNK_ELEMENTS:
+        return _attention_whole(q, k, v)
+    chunk = max(1, VANILLA_CHUNK_ELEMENTS // per_query)
+    n_chunks = -(-n_q // chunk)
+    qp = jnp.pad(q, ((0, 0), (0, n_chunks * chunk - n_q), (0, 0), (0, 0)))
+    qc = jnp.moveaxis(qp.reshape(b, n_chunks, chunk, h, d), 1, 0)
+    out = jax.lax.map(lambda qq: _attention_whole(qq, k, v), qc)
+    return jnp.moveaxis(out, 0, 1).reshape(b, n_chunks * chunk, h, d)[:, :n_q]
 
 
 def attend(

@@ -80,7 +80,7 @@ def _to_jax(tree: Any) -> Any:
     return jax.tree.map(lambda x: jax.numpy.asarray(x), tree)
 
 
-def _from_workdir(path: Path, step: int | None, base: str | None) -> LoadedModel:
+def _from_workdir(path: Path, step: int | None, base: str | None, initial: bool) -> LoadedModel:
     from bokehdiff_jax.train.build import architecture, base_variables
     from bokehdiff_jax.train.config import config_from_json
     from bokehdiff_jax.train.objective import build_model, partition_config
@@ -96,15 +96,19 @@ def _from_workdir(path: Path, step: int | None, base: str | None) -> LoadedModel
         config.lock()
     unet_config, vae_config, _ = architecture(config)
     model = build_model(config, unet_config, vae_config)  # the trainer's own reading of its config
-    trainable = restore_model_params(ckpt / "state")
-    partition = partition_config(config)
-    variables = base_variables(config, model)
-    if partition.trainable == "lora":
-        # The fresh LoRA only gives the frozen tree its layout: the trained one replaces it below.
-        variables = model.add_lora(variables, jax.random.key(0))
-    _, frozen = split(variables, partition)
-    _check_same_layout(trainable, split(variables, partition)[0], str(ckpt))
-    return LoadedModel(model, merge(_to_jax(trainable), frozen), "workdir", str(ckpt), str(source))
+    # The run's starting point, as train.build.initial_values makes it (the adapter from fold_in(seed, 1)).
+    variables = model.add_lora(
+        base_variables(config, model), jax.random.fold_in(jax.random.key(config.seed), 1)
+    )
+    start, frozen = split(variables, partition_config(config))
+    if initial:
+        trainable = jax.tree.map(lambda x: np.asarray(x, np.float32), start)  # trained copies are fp32
+        what = f"{ckpt.parent.parent} at step 0 (the run's initial weights)"
+    else:
+        trainable = restore_model_params(ckpt / "state")
+        _check_same_layout(trainable, start, str(ckpt))
+        what = str(ckpt)
+    return LoadedModel(model, merge(_to_jax(trainable), frozen), "workdir", what, str(source))
 
 
 def _check_same_layout(got: Any, want: Any, what: str) -> None:
@@ -147,21 +151,25 @@ def load_model(
     base: str | os.PathLike | None = None,
     step: int | None = None,
     dtype: Any = None,
+    initial: bool = False,
 ) -> LoadedModel:
     """The model at ``path`` (a training workdir or checkpoint, a trained-model folder or an export).
 
     Args:
       base: the base weights (default: the ones the model records).
       step: a workdir's checkpoint step (default: the latest).
+      initial: a workdir's model before training (step 0: the base, and a fresh adapter or the random
+        init the run started from), to compare trained against untrained.
       dtype: compute and base-parameter dtype for trained-model and export folders (default float32; a
         workdir uses its run's ``precision``). Trained weights stay float32.
     """
     kind = source_kind(path)
     base = None if base is None else str(base)
-    if step is not None and kind != "workdir":
-        raise InputError(f"model {path}: a step applies to a training workdir, not to a {kind} folder")
+    if (step is not None or initial) and kind != "workdir":
+        what = "a step" if step is not None else "the initial model"
+        raise InputError(f"model {path}: {what} applies to a training workdir, not to a {kind} folder")
     if kind == "workdir":
-        return _from_workdir(Path(path), step, base)
+        return _from_workdir(Path(path), step, base, initial)
     if kind == "trained":
         return _on_base(load_trained(path), base, kind, dtype)
     from bokehdiff_jax.convert.importers import import_lora

@@ -39,6 +39,14 @@ VAE_ATTENTION_BUDGET = 2 * 2**30
 VAE_TILE = 512  # output tile side of the tiled VAE, pixels (a multiple of 8)
 
 
+def vae_needs_tiling(vae_config: Any, height: int, width: int) -> bool:
+    """Whether the untiled VAE's mid-block attention over an ``height x width`` image would hold more than
+    ``VAE_ATTENTION_BUDGET`` bytes of fp32 logits (SDXL: above about 1200 x 1200 px)."""
+    f = vae_config.downsample_factor
+    tokens = -(-height // f) * -(-width // f)
+    return bool(vae_config.mid_block_add_attention) and tokens * tokens * 4 > VAE_ATTENTION_BUDGET
+
+
 def inference_model(model: BokehDiff, pisa_impl: str | None = "auto") -> BokehDiff:
     """``model`` for inference: no remat, and PISA's implementation set to ``pisa_impl`` (None: keep the
     trained config's). Dropout and jitter need no change: they act only with ``train=True``."""
@@ -46,6 +54,13 @@ def inference_model(model: BokehDiff, pisa_impl: str | None = "auto") -> BokehDi
     pisa = routing.pisa if pisa_impl is None else dataclasses.replace(routing.pisa, impl=pisa_impl)
     unet = model.unet.clone(routing=AttentionRouting(routing.pisa_paths, pisa), remat=False)
     return dataclasses.replace(model, unet=unet)
+
+
+def latent_step(model: BokehDiff, variables: Variables, z, time_ids, disparity, focus, strength) -> jax.Array:
+    """The U-Net pass on whole latents, ``z -> z0`` (``[B, h, w, C]`` scaled latents; PISA reads the
+    ``[B, H, W]`` disparity at the padded image size, ``time_ids`` are the real size)."""
+    pisa = PisaInputs(disparity=disparity, focus=focus, strength=strength)
+    return model.denoise(z, model.predict_noise(variables, z, time_ids, pisa))
 
 
 def _per_image(x: Any, batch: int, name: str) -> np.ndarray:
@@ -97,16 +112,17 @@ class OneStep:
         base: str | os.PathLike | None = None,
         step: int | None = None,
         dtype: Any = None,
+        initial: bool = False,
         pisa_impl: str | None = "auto",
         tiled: bool | None = None,
         vae_tile: int = VAE_TILE,
     ) -> OneStep:
-        """The model at ``path``: a training workdir (latest checkpoint, or ``step``) or a
-        ``checkpoints/<step>`` folder, a trained-model folder, or an export folder, on the base weights
-        it names (``base`` overrides them). See ``pipeline.load.load_model``."""
+        """The model at ``path``: a training workdir (latest checkpoint, or ``step``; ``initial``: its
+        untrained starting point) or a ``checkpoints/<step>`` folder, a trained-model folder, or an export
+        folder, on the base weights it names (``base`` overrides them). See ``pipeline.load.load_model``."""
         from bokehdiff_jax.pipeline.load import load_model
 
-        loaded = load_model(path, base=base, step=step, dtype=dtype)
+        loaded = load_model(path, base=base, step=step, dtype=dtype, initial=initial)
         return cls(
             loaded.model,
             loaded.variables,
@@ -122,20 +138,15 @@ class OneStep:
         return self.model.apply(variables, image, disparity, focus, strength)
 
     def _latent_fn(self, variables, z, time_ids, disparity, focus, strength):
-        """The U-Net step on whole latents: ``z -> z0`` (PISA inputs at the padded image size)."""
         self.traces += 1
-        pisa = PisaInputs(disparity=disparity, focus=focus, strength=strength)
-        eps = self.model.predict_noise(variables, z, time_ids, pisa)
-        return self.model.denoise(z, eps)
+        return latent_step(self.model, variables, z, time_ids, disparity, focus, strength)
 
     # --------------------------------------------------------------------------------------- calls
     def needs_tiling(self, height: int, width: int) -> bool:
         """Whether an ``height x width`` image runs the tiled VAE (``tiled``, else by memory)."""
         if self.tiled is not None:
             return self.tiled
-        f = self.model.vae_factor
-        tokens = -(-height // f) * -(-width // f)
-        return self.model.vae.config.mid_block_add_attention and tokens * tokens * 4 > VAE_ATTENTION_BUDGET
+        return vae_needs_tiling(self.model.vae.config, height, width)
 
     def _inputs(self, image, disparity, focus, strength):
         image = jnp.asarray(image, jnp.float32)
@@ -204,13 +215,45 @@ class OneStep:
 
     # ------------------------------------------------------------------------------------- analysis
     def lower(self, height: int, width: int, batch: int = 1) -> jax.stages.Lowered:
-        """The whole one-step render (untiled) lowered for ``[batch, height, width]`` inputs, from
-        abstract shapes (for ``cost_analysis`` / ``memory_analysis`` after ``.compile()``)."""
-        f32 = jnp.float32
-        args = (
-            jax.ShapeDtypeStruct((batch, height, width, 3), f32),
-            jax.ShapeDtypeStruct((batch, height, width), f32),
-            jax.ShapeDtypeStruct((batch,), f32),
-            jax.ShapeDtypeStruct((batch,), f32),
-        )
-        return self._whole.lower(self.variables, *args)
+        """The whole one-step render (untiled) lowered for ``[batch, height, width]`` inputs (for
+        ``cost_analysis`` / ``memory_analysis`` after ``.compile()``)."""
+        return lower_render(self.model, self.variables, height, width, batch)
+
+
+def _abstract_inputs(height: int, width: int, batch: int) -> tuple[jax.ShapeDtypeStruct, ...]:
+    f32 = jnp.float32
+    return (
+        jax.ShapeDtypeStruct((batch, height, width, 3), f32),
+        jax.ShapeDtypeStruct((batch, height, width), f32),
+        jax.ShapeDtypeStruct((batch,), f32),
+        jax.ShapeDtypeStruct((batch,), f32),
+    )
+
+
+def lower_render(
+    model: BokehDiff, variables: Any, height: int, width: int, batch: int = 1
+) -> jax.stages.Lowered:
+    """``model.apply`` (the untiled one-step render, as ``OneStep`` runs it) lowered for
+    ``[batch, height, width]`` images; ``variables`` may be arrays or ``jax.ShapeDtypeStruct``s (no
+    weights needed)."""
+    return jax.jit(model.apply).lower(variables, *_abstract_inputs(height, width, batch))
+
+
+def lower_latent_step(
+    model: BokehDiff, variables: Any, height: int, width: int, batch: int = 1
+) -> jax.stages.Lowered:
+    """The U-Net pass of a tiled render (whole latents ``z -> z0``, PISA included) lowered for
+    ``[batch, height, width]`` images (sides multiples of the VAE factor); abstract ``variables`` work."""
+    f = model.vae_factor
+    if height % f or width % f:
+        raise InputError(f"lower_latent_step: {height}x{width} is not a multiple of {f}")
+    f32 = jnp.float32
+    c = model.vae.config.latent_channels
+
+    step = lambda *a: latent_step(model, *a)  # noqa: E731
+    args = (
+        jax.ShapeDtypeStruct((batch, height // f, width // f, c), f32),
+        jax.ShapeDtypeStruct((batch, 6), f32),
+        *_abstract_inputs(height, width, batch)[1:],
+    )
+    return jax.jit(step).lower(variables, *args)

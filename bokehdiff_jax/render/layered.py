@@ -108,7 +108,7 @@ class _Plan(NamedTuple):
     num_rays: int
     row_chunk: int
     grid_cap: int
-    crop: tuple[int, int, int, int]
+    out_hw: tuple[int, int]
 
 
 def _plan_and_params(config: LayeredConfig, crop: tuple[int, int, int, int]):
@@ -125,7 +125,7 @@ def _plan_and_params(config: LayeredConfig, crop: tuple[int, int, int, int]):
         0 if cells else config.num_rays,
         0 if cells else config.row_chunk,
         cap if cells else 0,
-        crop,
+        (crop[2], crop[3]),
     )
     f32, i32 = jnp.float32, jnp.int32
     params = {
@@ -134,6 +134,8 @@ def _plan_and_params(config: LayeredConfig, crop: tuple[int, int, int, int]):
         "min_grid": jnp.asarray(config.min_grid, f32),
         "m_lo": jnp.asarray(m_lo, i32),
         "m_hi": jnp.asarray(m_hi, i32),
+        "top": jnp.asarray(crop[0], i32),  # the window's place is traced, its size static
+        "left": jnp.asarray(crop[1], i32),
     }
     return plan, params
 
@@ -303,7 +305,7 @@ def _trace_cells(rgba, planes, focus, strength, params, plan):
     """``sampling="cells"``: ``rgba [L, H, W, 4]`` sRGB -> linear colour and coverage over ``crop``,
     and the rays per pixel of each tile ``[tiles_y, tiles_x]``."""
     n_layers, h, w, _ = rgba.shape
-    top, left, out_h, out_w = plan.crop
+    top, left, (out_h, out_w) = params["top"], params["left"], plan.out_hw
     t = plan.tile
     prem = _prepare(rgba.astype(jnp.float32), params["gamma"])
     table = _tables(prem)
@@ -454,9 +456,9 @@ def _trace_points(rgba, planes, focus, strength, params, plan):
 
     starts = jnp.arange(n_row_chunks, dtype=jnp.int32) * rows
     c_sum, a_sum = jax.lax.map(trace_rows, starts)
-    top, left, out_h, out_w = plan.crop
-    c_sum = c_sum.reshape(n_row_chunks * rows, w, 3)[top : top + out_h, left : left + out_w]
-    a_sum = a_sum.reshape(n_row_chunks * rows, w)[top : top + out_h, left : left + out_w]
+    (out_h, out_w), top, left = plan.out_hw, params["top"], params["left"]
+    c_sum = jax.lax.dynamic_slice(c_sum.reshape(n_row_chunks * rows, w, 3), (top, left, 0), (out_h, out_w, 3))
+    a_sum = jax.lax.dynamic_slice(a_sum.reshape(n_row_chunks * rows, w), (top, left), (out_h, out_w))
     rays = jnp.full((1, 1), plan.num_rays, jnp.int32)
     return c_sum, a_sum, rays
 
@@ -507,7 +509,9 @@ def render_layers(
     rendered one scene at a time.
 
     ``crop``: ``(top, left, height, width)`` in canvas pixels: render only that window (the rays still
-    see the whole canvas), e.g. the output canvas inside a padded one. Returns sRGB ``[..., h, w, 3]``
+    see the whole canvas), e.g. the output canvas inside a padded one. Tiles start at the window's
+    corner, so a window that is not aligned to the canvas's tiles may differ from the canvas's render
+    by the (small) convergence error. Returns sRGB ``[..., h, w, 3]``
     (pixels no ray sees anything are 0); with ``return_rays``, also the rays per pixel of each tile
     (``[..., tiles_y, tiles_x]`` int32; ``[..., 1, 1]`` holding ``num_rays`` for ``"points"``).
     """

@@ -316,11 +316,11 @@ def parse_value(key: str, raw: str, current: Any) -> Any:
 
 def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
     node: Any = config
-    for i, name in enumerate(dotted.split(".")):
+    names = dotted.split(".")
+    for i, name in enumerate(names):
         if not isinstance(node, ml_collections.ConfigDict) or name not in node:
-            raise InputError(
-                f"unknown config key {'.'.join(dotted.split('.')[: i + 1])!r} (in --config.{dotted})"
-            )
+            where = "" if i == len(names) - 1 else f" (in --config.{dotted})"
+            raise InputError(f"unknown config key {'.'.join(names[: i + 1])!r}{where}")
         node = node[name]
     return node
 

@@ -87,11 +87,11 @@ def make_train_step(
             zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), (o_s, t_s, g_s))
             (total, carry), _ = jax.lax.scan(body, (zeros, state.carry), (micro, jnp.arange(accum)))
             obj, terms, grads = jax.tree_util.tree_map(lambda x: x / accum, total)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         # Finite loss, gradient and update: then the new params are finite too (the loop checks this
         # flag before every checkpoint, so no checkpoint is made from a non-finite state).
-        finite = jnp.isfinite(obj) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(updates))
+        finite = jnp.isfinite(obj) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
         new = TrainState(
             step=state.step + 1,
             params=optax.apply_updates(state.params, updates),

@@ -29,7 +29,8 @@ def test_synth_writes_resumes_and_refuses_other_runs(main, input_dirs, tmp_path,
     assert [p.name for p in items] == ["000000", "000001"]
     meta = json.loads((items[0] / "meta.json").read_text())
     assert {"focus", "strength", "layers", "n_rays", "seed", "index"} <= set(meta)
-    assert meta["strength"] == pytest.approx(12.0 * 0.5)
+    # Blur scales with the canvas (12 px at 768); released K = 12 times / max(d_f, 1 - d_f).
+    assert meta["strength"] == pytest.approx(12.0 * 32 / 768 * 0.5 / max(meta["focus"], 1 - meta["focus"]))
     first = read_item(items[0])
     assert first["aif"].shape == (32, 32, 3) and first["disparity"].dtype == np.float32
     np.testing.assert_allclose(first["coc"], first["strength"] * np.abs(first["disparity"] - first["focus"]))
@@ -59,6 +60,7 @@ def test_synth_writes_resumes_and_refuses_other_runs(main, input_dirs, tmp_path,
         x, y = read_item(a), read_item(b)
         for k in x:
             np.testing.assert_array_equal(x[k], y[k])
+        assert (a / "meta.json").read_bytes() == (b / "meta.json").read_bytes()  # whatever --workers
 
     # A different run into the same folder is refused with a one-line error and status 2.
     assert main(_args(fg, bg, out, 3, "--seed", "5")) == 2
@@ -86,7 +88,7 @@ def test_synth_error_exits(main, input_dirs, tmp_path, capsys):
     # Settings the renderer would reject mid-run are refused up front, before anything is written.
     assert main(_args(fg, bg, tmp_path / "o4", 1, "--rays-max", "0")) == 2
     err = capsys.readouterr().err  # in the user's terms: flags, not SynthConfig's field names
-    assert "--rays-max: must be an integer in [1, 4096]" in err and "rays_min" not in err
+    assert "--rays-max: must be an integer in [1, 65536]" in err and "rays_min" not in err
     assert not (tmp_path / "o4").exists()
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o3" / "items").exists()
 
@@ -181,3 +183,16 @@ def test_stale_item_temporaries_are_removed_and_reported(main, input_dirs, tmp_p
     assert main(_args(fg, bg, out, 2)) == 0
     assert "interrupted" in capsys.readouterr().err and not stale.exists()
     assert [p.name for p in (out / "items").iterdir()] == ["000000", "000001"]
+
+
+def test_synth_ray_bounds(main, input_dirs, tmp_path, capsys):
+    # --rays-min = --rays-max forces the ray count everywhere (e.g. an 8192-ray reference); the count
+    # is of aperture cells: a 2 x 2 grid's 4 cells all meet the disc.
+    fg, bg = input_dirs
+    out = tmp_path / "fixed"
+    assert main(_args(fg, bg, out, 1, "--rays-min", "4", "--rays-max", "4")) == 0
+    meta = json.loads((list_items(out)[0] / "meta.json").read_text())
+    assert meta["n_rays"] == meta["rays_mean"] == 4
+    assert json.loads((out / "synth.json").read_text())["config"]["rays_min"] == 4
+    assert main(_args(fg, bg, tmp_path / "bad", 1, "--rays-min", "9", "--rays-max", "8")) == 2
+    assert "--rays-max 8 is below" in capsys.readouterr().err

@@ -1,8 +1,10 @@
-"""Scene sampling and synthesis: determinism, a real foreground tilt, K recorded = K rendered, and
-input hygiene on hand-made bad files."""
+"""Scene sampling and synthesis: determinism, a real foreground tilt, K recorded = K rendered, the
+released blur formula and its canvas scaling, clean edges of enlarged foregrounds, disparity labels,
+canonical metadata, and input hygiene on hand-made bad files."""
 
 import dataclasses
 import io
+import json
 import shutil
 
 import numpy as np
@@ -11,8 +13,10 @@ from PIL import Image
 
 from bokehdiff_jax.data.procedural import procedural_foreground
 from bokehdiff_jax.data.synthesis import (
+    SynthConfig,
     _alpha_bbox,
     _resize,
+    layered_config,
     load_foreground,
     render_scene,
     sample_scene,
@@ -55,17 +59,17 @@ def test_same_seed_index_identical_other_index_differs(tiny_config, input_dirs):
 def test_foreground_plane_really_tilts(tiny_config, arrays):
     cfg = dataclasses.replace(tiny_config, fg_count=(1, 1), fg_tilt=(0.2, 0.25), fg_scale=(0.9, 0.9))
     scene = sample_scene(cfg, *arrays, seed=0, index=0)
-    out = render_scene(scene, cfg)
+    out, _ = render_scene(scene, cfg)
     p, s = scene.pad, cfg.size
     alpha = scene.rgba_lhwc[1, p : p + s, p : p + s, 3]
-    opaque = alpha >= 0.5
+    opaque = alpha == 1.0  # the blended label is the plane's own value where the foreground is opaque
     d0, gx, gy = scene.meta["layers"][1]["plane"]
-    assert abs(gx) + abs(gy) >= 0.2 - 1e-6
+    assert (abs(gx) + abs(gy)) * (s + 2 * p) / s >= 0.2 - 1e-6  # tilts span the padded canvas
     u = (np.arange(s) + 0.5) / s - 0.5
     plane = d0 + gx * u[None, :] + gy * u[:, None]
     # the disparity map follows the tilted plane over the foreground, and varies across it
     np.testing.assert_allclose(out["disparity"][opaque], plane[opaque], atol=1e-5)
-    assert np.ptp(out["disparity"][opaque]) > 0.05
+    assert np.ptp(out["disparity"][opaque]) > 0.015  # a no-op tilt (the original) gives 0
     # the foreground lies in front of the background everywhere (no crossing planes)
     bg_d0, bg_gx, bg_gy = scene.meta["layers"][0]["plane"]
     bg = bg_d0 + bg_gx * u[None, :] + bg_gy * u[:, None]
@@ -85,16 +89,16 @@ def test_layers_alpha_clipped_and_background_crop_keeps_aspect(tiny_config, arra
 
 def test_strength_is_the_k_that_rendered_the_target(tiny_config, arrays):
     from bokehdiff_jax.render import render_layers
-    from bokehdiff_jax.render.layered import LayeredConfig
 
     cfg = dataclasses.replace(tiny_config, base_strength=3.0, log2_times=(0.5, 1.5))
     scene = sample_scene(cfg, *arrays, seed=2, index=5)
     sample, meta = synthesize_with_meta(cfg, *arrays, seed=2, index=5)
-    assert float(sample["strength"]) == pytest.approx(3.0 * meta["times"], rel=1e-6)
+    focus = float(sample["focus"])
+    assert float(sample["strength"]) == pytest.approx(3.0 * meta["times"] / max(focus, 1 - focus), rel=1e-6)
     assert float(sample["strength"]) == pytest.approx(scene.strength, rel=1e-6)
     p, s = scene.pad, cfg.size
-    assert p >= scene.strength  # every ray that lands in the crop sees real content
-    lc = LayeredConfig(num_rays=scene.n_rays)
+    assert p >= 3.0 * meta["times"] >= sample["coc"].max()  # every ray landing in the crop sees content
+    lc = layered_config(cfg)
     again = np.asarray(
         render_layers(scene.rgba_lhwc, scene.planes_l3, scene.focus, float(sample["strength"]), config=lc)
     )[p : p + s, p : p + s]
@@ -129,10 +133,106 @@ def test_bbox_and_resize_edges():
     a[0, 11] = a[9, 0] = True  # opaque pixels on the last row and column count
     assert _alpha_bbox(a) == (0, 10, 0, 12)
     assert _alpha_bbox(np.zeros((4, 4), bool)) is None
-    hard = np.zeros((8, 8, 4), np.float32)
-    hard[2:6, 2:6] = 1.0
-    up = _resize(hard, (37, 37), premultiply=True)  # Lanczos overshoots: alpha must be clipped
-    assert up[..., 3].min() >= 0.0 and up[..., 3].max() <= 1.0
+
+
+def test_enlarged_opaque_disc_keeps_its_colour_to_the_edge_and_no_alpha_outside():
+    # An opaque disc of one colour on a transparent background of another, enlarged 1.77x as the
+    # sampler enlarges foregrounds: no rim of shifted colour, no ring of alpha outside the disc.
+    n, radius, scale = 40, 14.0, 1.77
+    yy, xx = np.mgrid[0:n, 0:n] + 0.5
+    inside = np.hypot(yy - n / 2, xx - n / 2) <= radius
+    rgba = np.zeros((n, n, 4), np.float32)
+    rgba[...] = (0.1, 0.9, 0.2, 0.0)
+    rgba[inside] = (0.8, 0.35, 0.2, 1.0)
+    m = round(n * scale)
+    up = _resize(rgba, (m, m), premultiply=True)
+    alpha = up[..., 3]
+    assert alpha.min() >= 0.0 and alpha.max() <= 1.0  # a convex filter: nothing to clip
+    np.testing.assert_allclose(
+        up[alpha > 0, :3], np.broadcast_to((0.8, 0.35, 0.2), up[alpha > 0, :3].shape), atol=2e-6
+    )
+    yy, xx = (np.mgrid[0:m, 0:m] + 0.5) * (n / m)  # output pixel centres in input pixels
+    dist = np.hypot(yy - n / 2, xx - n / 2)
+    # Beyond the filter's reach (one input pixel past the disc's last pixel centres) alpha is exactly 0.
+    assert (alpha[dist > radius + 1.5] == 0).all()
+    assert (alpha[dist < radius - 1.5] == 1).all()
+    # The whole chain: the foreground layer of a scene keeps this colour wherever it has alpha.
+    cfg = SynthConfig(size=64, fg_scale=(1.0, 1.0), min_bg_side=16, log2_times=(0.0, 0.0))
+    scene = sample_scene(cfg, [rgba], [np.full((64, 64, 3), 0.5, np.float32)], 0, 0)
+    assert scene.meta["layers"][1]["scale"] > 1.5
+    layer = scene.rgba_lhwc[1]
+    seen = layer[..., 3] > 0
+    np.testing.assert_allclose(
+        layer[seen, :3], np.broadcast_to((0.8, 0.35, 0.2), layer[seen, :3].shape), atol=2e-6
+    )
+
+
+def test_blur_follows_the_released_formula_and_scales_with_the_canvas(arrays):
+    from bokehdiff_jax.physics.optics import coc_radius
+    from bokehdiff_jax.render import composite_layers
+
+    assert SynthConfig().strength_scale == 12.0 and SynthConfig(size=384).strength_scale == 6.0
+    assert SynthConfig(size=384, base_strength=5.0).strength_scale == 5.0
+    cfg = SynthConfig(size=64, min_bg_side=16, min_fg_side=4)
+    for index in range(6):
+        scene = sample_scene(cfg, *arrays, seed=3, index=index)
+        times, f, p, s = scene.meta["times"], scene.focus, scene.pad, cfg.size
+        # Released: r = 12 times |d - d_f| / max(d_f, 1 - d_f), 12 px at 768 px, here 1 px at 64 px.
+        assert scene.strength == pytest.approx(1.0 * times / max(f, 1 - f), rel=1e-9)
+        _, disp = composite_layers(scene.rgba_lhwc, scene.planes_l3)
+        radius = np.asarray(coc_radius(np.asarray(disp)[p : p + s, p : p + s], f, scene.strength))
+        assert radius.max() <= times * (1 + 1e-5) and p >= times
+        # The background reaches disparity 0 at its far corner (released), over the padded canvas.
+        d0, gx, gy = scene.planes_l3[0]
+        assert d0 - (abs(gx) + abs(gy)) / 2 == pytest.approx(0.0, abs=1e-6)
+        tilt = abs(gx) + abs(gy)
+        assert 0.0 <= tilt <= 0.25 + 1e-6
+        # One foreground (released), inside the frame, above the background everywhere.
+        (fg,) = scene.meta["layers"][1:]
+        tx, ty, fw, fh = fg["box_xywh"]
+        assert 0 <= tx <= s - fw and 0 <= ty <= s - fh
+        assert (
+            scene.planes_l3[1][0] - (abs(scene.planes_l3[1][1]) + abs(scene.planes_l3[1][2])) / 2
+            >= tilt - 1e-6
+        )
+
+
+def test_disparity_label_modes(arrays):
+    cfg = SynthConfig(size=48, min_bg_side=16, min_fg_side=4, fg_scale=(0.9, 0.9), log2_times=(0.0, 0.0))
+    assert cfg.disparity_label == "blend"  # the released labels by default
+    scene = sample_scene(cfg, *arrays, seed=1, index=0)
+    p, s = scene.pad, cfg.size
+    alpha = scene.rgba_lhwc[1, p : p + s, p : p + s, 3]
+    u = (np.arange(s) + 0.5) / s - 0.5
+    bg, fg = (
+        (d0 + gx * u[None, :] + gy * u[:, None])
+        for d0, gx, gy in (lay["plane"] for lay in scene.meta["layers"])
+    )
+    labels = {}
+    for label in ("blend", "threshold", "front"):
+        c = dataclasses.replace(cfg, disparity_label=label, label_threshold=0.5)
+        labels[label] = synthesize(c, *arrays, seed=1, index=0)["disparity"]
+    strands = (alpha > 0.02) & (alpha < 0.5)
+    assert strands.sum() > 10
+    np.testing.assert_allclose(labels["blend"], alpha * fg + (1 - alpha) * bg, atol=2e-6)
+    np.testing.assert_allclose(labels["threshold"], np.where(alpha >= 0.5, fg, bg), atol=2e-6)
+    np.testing.assert_allclose(labels["front"], np.where(alpha > 0, fg, bg), atol=2e-6)
+    with pytest.raises(ValueError, match="disparity_label"):
+        SynthConfig(disparity_label="nearest")
+
+
+def test_meta_is_canonical_json(tiny_config, arrays):
+    _, meta = synthesize_with_meta(tiny_config, *arrays, seed=0, index=2)
+    _, again = synthesize_with_meta(tiny_config, *arrays, seed=0, index=2)
+
+    def keys_sorted(tree):
+        if isinstance(tree, dict):
+            return list(tree) == sorted(tree) and all(keys_sorted(v) for v in tree.values())
+        return all(keys_sorted(v) for v in tree) if isinstance(tree, list) else True
+
+    assert keys_sorted(meta) and json.dumps(meta) == json.dumps(again)
+    assert {"n_rays", "rays_mean", "strength", "focus", "times", "pad"} <= set(meta)
+    assert 1 <= meta["rays_mean"] <= meta["n_rays"] <= tiny_config.rays_max
 
 
 def _png(path, arr, mode=None):
@@ -231,7 +331,7 @@ def test_in_focus_foreground_stays_sharp_over_a_blurred_background(tiny_config, 
         base_strength=6.0,
     )
     scene = sample_scene(cfg, *arrays, seed=4, index=0)
-    out = render_scene(scene, cfg)
+    out, _ = render_scene(scene, cfg)
     p, s = scene.pad, cfg.size
     solid = scene.rgba_lhwc[1, p : p + s, p : p + s, 3] > 0.999
     for _ in range(2):  # erode: the foreground's rim legitimately mixes with the blurred background

@@ -181,8 +181,13 @@ def test_rays_follow_the_local_coc_and_crop_is_a_window():
     out, rays = render_layers(rgba, planes, 0.3, 10.0, config=RAYS, return_rays=True)  # fg CoC 6 px
     rays = np.asarray(rays)
     assert rays.shape == (3, 3) and rays[2, 2] == 1 and rays[0, 0] == layered.grid_cells(8)
+    # A window (rays still see the whole canvas); its place is traced: a second one reuses the tracer.
     part = render_layers(rgba, planes, 0.3, 10.0, config=RAYS, crop=(16, 8, 24, 40))
     np.testing.assert_allclose(part, np.asarray(out)[16:40, 8:48], atol=1e-6)
+    size = layered._render_layers_jit._cache_size()
+    part = render_layers(rgba, planes, 0.3, 10.0, config=RAYS, crop=(20, 0, 24, 40))
+    np.testing.assert_allclose(part, np.asarray(out)[20:44, 0:40], atol=1e-6)
+    assert layered._render_layers_jit._cache_size() == size
     with pytest.raises(ValueError, match="crop"):
         render_layers(rgba, planes, 0.3, 10.0, config=RAYS, crop=(40, 0, 16, 16))
 

@@ -138,7 +138,7 @@ def test_focal_stack_size_is_bounded(main, root):
 
 
 def test_focal_stack_names_are_zero_padded_to_the_stack_size():
-    from bokehdiff_jax.render.cli import stack_image_name
+    from bokehdiff_jax.commands.render import stack_image_name
 
     names = [stack_image_name(i, 150, 0.25) for i in range(150)]
     assert sorted(names) == names and names[7] == "focus_007_d0.250.png"
