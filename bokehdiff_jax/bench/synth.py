@@ -15,7 +15,7 @@ Three parts (``--parts``):
   no rendering: median and 90th percentile of each image's largest radius, the mean radius, the median
   foreground area (its box in the frame, and its alpha's sum, over the frame's area) and the median of
   the background's smallest disparity in the frame; beside the same figures for the released sampling,
-  re-implemented from SPEC section 4 here.
+  re-implemented from SPEC section 4 here and given the same draws of ``times``.
 """
 
 from __future__ import annotations
@@ -222,7 +222,7 @@ def _time(args: argparse.Namespace) -> None:
     )
 
 
-def _released_scene(rng: np.random.Generator, fg: np.ndarray, size: int) -> dict:
+def _released_scene(rng: np.random.Generator, fg: np.ndarray, size: int, times: float) -> dict:
     """One scene of the released sampling (SPEC section 4), as far as the radii need it: the disparity
     map of the output frame, focus, K and the foreground box. Canvas ``size + 4 k`` with ``k = 12`` px
     at 768 px; background plane from disparity 0 at its far corner up to ``U(0, 1/4)``; one fronto-parallel
@@ -234,7 +234,6 @@ def _released_scene(rng: np.random.Generator, fg: np.ndarray, size: int) -> dict
     k = 12.0 * size / 768.0
     pad = int(round(2 * k))
     p = size + 2 * pad
-    times = 2.0 ** rng.uniform(-2, 3)
     ax, by = rng.uniform(-1, 1, 2)
     yy, xx = np.mgrid[0:p, 0:p].astype(np.float64)
     ramp = ax * xx + by * yy
@@ -276,6 +275,7 @@ def _ours_scene(cfg, fgs, bgs, seed: int, index: int) -> dict:
     u = (np.arange(p, p + s) + 0.5) / (s + 2 * p) - 0.5
     bg_map = bg[0] + bg[1] * u[None, :] + bg[2] * u[:, None]
     return dict(
+        times=scene.meta["times"],
         disp=np.asarray(disp)[p : p + s, p : p + s],
         focus=scene.focus,
         strength=scene.strength,
@@ -309,11 +309,11 @@ def _dist(args: argparse.Namespace) -> None:
     cfg = SynthConfig(size=args.size)
     fgs, bgs = _inputs(args.size)
     fgs = [load_foreground(f, cfg) for f in fgs]  # cropped to the alpha's box, as sampled
-    rng = np.random.default_rng(args.seed)
-    released = [
-        _released_scene(rng, fgs[int(rng.integers(len(fgs)))], args.size) for _ in range(args.dist_scenes)
-    ]
     ours = [_ours_scene(cfg, fgs, bgs, args.seed, i) for i in range(args.dist_scenes)]
+    # The released sampling gets the same blur multipliers (times = 2 ** U(-2, 3) in both): the
+    # comparison then shows the geometry, not the noise of two draws of times.
+    rng = np.random.default_rng(args.seed)
+    released = [_released_scene(rng, fgs[int(rng.integers(len(fgs)))], args.size, sc["times"]) for sc in ours]
     a, b = _summary(released), _summary(ours)
     print(f"## dist: {args.dist_scenes} scenes at {args.size} px, CoC radii in px over the output frame")
     print("| figure | released sampling (re-implemented) | ours |")

@@ -10,7 +10,9 @@
   hardness of the model's ``PisaConfig``); no key is taken. The same inputs give the same output.
 - One compilation per input shape: focus and strength are ``[B]`` float32 arrays (scalars are broadcast
   on the host before the call), so new values, and every frame of a focal stack, reuse the program.
-  ``traces`` counts how often the model was traced (= compiled); tests check it.
+  The compiled programs are shared by every ``OneStep`` of an equal model structure (a trained model and
+  its untrained start, or a model loaded twice, compile once per shape); ``traces`` counts how often that
+  structure was traced (= compiled) in this process; tests check it.
 - Large images: the VAE runs as the exact tiled VAE (``models.vae_tiling``) once its whole-map
   mid-block attention would need more than ``VAE_ATTENTION_BUDGET`` bytes; the U-Net still sees the whole
   latent in one pass (sparse PISA keeps its memory at O(N * block)), so there are no seams: the result is
@@ -20,7 +22,9 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import functools
 import os
 from typing import Any
 
@@ -63,6 +67,22 @@ def latent_step(model: BokehDiff, variables: Variables, z, time_ids, disparity, 
     return model.denoise(z, model.predict_noise(variables, z, time_ids, pisa))
 
 
+# Traces per model structure (a BokehDiff is a hashable frozen dataclass: equal structures share programs).
+_TRACES: collections.Counter = collections.Counter()
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _whole(model: BokehDiff, variables, image, disparity, focus, strength):
+    _TRACES[model] += 1  # runs only while tracing
+    return model.apply(variables, image, disparity, focus, strength)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _latent(model: BokehDiff, variables, z, time_ids, disparity, focus, strength):
+    _TRACES[model] += 1
+    return latent_step(model, variables, z, time_ids, disparity, focus, strength)
+
+
 def _per_image(x: Any, batch: int, name: str) -> np.ndarray:
     a = np.asarray(x, np.float32)
     if a.shape not in ((), (batch,)):
@@ -79,7 +99,7 @@ class OneStep:
       model: the inference model (``inference_model``).
       variables: the full variables tree, on the default device.
       source: what it was loaded from.
-      traces: how many times the model was traced (each trace is one compilation).
+      traces: how many times this model structure was traced in this process (one per compilation).
     """
 
     def __init__(
@@ -100,9 +120,6 @@ class OneStep:
         self.variables = jax.device_put(variables)
         self.source = source
         self.tiled, self.vae_tile = tiled, vae_tile
-        self.traces = 0
-        self._whole = jax.jit(self._whole_fn)
-        self._latent = jax.jit(self._latent_fn)
 
     @classmethod
     def from_checkpoint(
@@ -133,13 +150,9 @@ class OneStep:
         )
 
     # ------------------------------------------------------------------------------ traced functions
-    def _whole_fn(self, variables, image, disparity, focus, strength):
-        self.traces += 1  # runs only while tracing
-        return self.model.apply(variables, image, disparity, focus, strength)
-
-    def _latent_fn(self, variables, z, time_ids, disparity, focus, strength):
-        self.traces += 1
-        return latent_step(self.model, variables, z, time_ids, disparity, focus, strength)
+    @property
+    def traces(self) -> int:
+        return _TRACES[self.model]
 
     # --------------------------------------------------------------------------------------- calls
     def needs_tiling(self, height: int, width: int) -> bool:
@@ -172,12 +185,12 @@ class OneStep:
         image, disparity, focus, strength = self._inputs(image_bhwc, disparity_bhw, focus_b, strength_b)
         b, h, w, _ = image.shape
         if not self.needs_tiling(h, w):
-            return self._whole(self.variables, image, disparity, focus, strength)
+            return _whole(self.model, self.variables, image, disparity, focus, strength)
         m, f = self.model, self.model.vae_factor
         x = pad_to_multiple(image, f, m.pad_mode)
         d = pad_to_multiple(disparity, f, m.pad_mode)
         z = m.encode(self.variables, x, tile=self.vae_tile)
-        z0 = self._latent(self.variables, z, sdxl_time_ids(h, w, b), d, focus, strength)
+        z0 = _latent(self.model, self.variables, z, sdxl_time_ids(h, w, b), d, focus, strength)
         return m.decode(self.variables, z0, tile=self.vae_tile // f)[:, :h, :w]
 
     def render(

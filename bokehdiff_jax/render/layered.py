@@ -56,7 +56,7 @@ from bokehdiff_jax.physics.optics import bilinear_sample, coc_radius, linear_to_
 SAMPLINGS = ("cells", "points")
 _FRAC_BITS = 18  # fixed point of the summed-area tables
 _MAX_HALF_BOX = 44.0  # px: a box sum must stay below 2^31 / 2^18 = 8192 px^2
-_MIN_HALF_BOX = 0.05  # px: a zero-width box is a point; this keeps the box formula well conditioned
+_MIN_HALF_BOX = 1e-3  # px: a zero-width box (a layer in focus) is read as a 0.002 px one
 _RIM_COLUMNS = 16  # sub-columns per cell to measure its part inside the disc
 
 
@@ -78,7 +78,7 @@ class LayeredConfig:
     cell_px: float = 8.0
     min_grid: int = 8
     tile: int = 16
-    ray_chunk: int = 32
+    ray_chunk: int = 16
     num_rays: int = 64
     row_chunk: int = 32
     gamma: float = 2.2
@@ -206,8 +206,9 @@ def _cells(m, k, first, count, n_sub: int = _RIM_COLUMNS):
     by1 = jnp.max(jnp.where(inside, hi, -big), 1)
     bw, bh = jnp.maximum(bx1 - bx0, 1e-9), jnp.maximum(by1 - by0, 1e-9)
     shrink = jnp.sqrt(jnp.clip(area / (bw * bh), 0.0, 1.0))
+    width, height = bw * shrink, bh * shrink
     centre = jnp.stack([cx, cy], -1)
-    half = 0.5 * jnp.stack([bw * shrink, bh * shrink], -1)
+    half = 0.5 * jnp.stack([width, height], -1)
     return centre, half, area
 
 
@@ -263,13 +264,19 @@ def _box_mean(table, base, w, h, cx, cy, ex, ey):
     f01, c01, r01, v01 = at(j1, i0)
     f11, c11, r11, v11 = at(j1, i1)
     f32 = jnp.float32
+    dx, dy = (x1 - x0)[..., None], (y1 - y0)[..., None]
+    # Where both edges fall in one pixel column (row), a1 - a0 is dx (dy): written so, a box a hundredth
+    # of a pixel wide keeps full precision (a1 * v - a0 * v would cancel).
+    same_i, same_j = (i0 == i1)[..., None], (j0 == j1)[..., None]
     core = (f11 - f01 - f10 + f00).astype(f32)  # exact integer box sum, then rounded once
-    cols = a1 * (c11 - c10).astype(f32) - a0 * (c01 - c00).astype(f32)
-    rows = b1 * (r11 - r01).astype(f32) - b0 * (r10 - r00).astype(f32)
-    corners = a1 * b1 * v11.astype(f32) - a0 * b1 * v01.astype(f32)
-    corners = corners - a1 * b0 * v10.astype(f32) + a0 * b0 * v00.astype(f32)
-    area = ((x1 - x0) * (y1 - y0))[..., None]
-    return (core + cols + rows + corners) / (float(2**_FRAC_BITS) * area)
+    col1, col0 = (c11 - c10).astype(f32), (c01 - c00).astype(f32)
+    cols = jnp.where(same_i, dx * col1, a1 * col1 - a0 * col0)
+    row1, row0 = (r11 - r01).astype(f32), (r10 - r00).astype(f32)
+    rows = jnp.where(same_j, dy * row1, b1 * row1 - b0 * row0)
+    top = jnp.where(same_i, dx * v11.astype(f32), a1 * v11.astype(f32) - a0 * v01.astype(f32))
+    bottom = jnp.where(same_i, dx * v10.astype(f32), a1 * v10.astype(f32) - a0 * v00.astype(f32))
+    corners = jnp.where(same_j, dy * top, b1 * top - b0 * bottom)
+    return (core + cols + rows + corners) / (float(2**_FRAC_BITS) * dx * dy)
 
 
 # ------------------------------------------------------------------------------------- the tracer
@@ -352,11 +359,12 @@ def _trace_cells(rgba, planes, focus, strength, params, plan):
         hidden = (jnp.cumsum(full[::-1])[::-1] - full) > 0  # an opaque layer nearer than this one
         relevant = (count(present) > 0) & ~hidden
         r_tile = jnp.max(jnp.where(relevant, radius, 0.0))
-        # Footprints of at most cell_px pixels, and a grid of at least min_grid cells across the disc
-        # (fewer only while a cell stays under a pixel): the rim cells then draw a round CoC.
+        # Footprints of at most cell_px pixels, and a grid of at least min_grid cells across any disc
+        # that reaches past its pixel (r >= 0.5): the rim cells then draw a round CoC even a fraction of
+        # a pixel wide (a bright neighbour seen by a 0.6 px disc is tens of 1/255 on a dark pixel). A
+        # smaller disc stays inside its pixel, whose box-reconstructed value one cell reads exactly.
         need = jnp.maximum(
-            jnp.ceil(2.0 * r_tile / params["cell_px"]),
-            jnp.minimum(params["min_grid"], jnp.ceil(2.0 * r_tile)),
+            jnp.ceil(2.0 * r_tile / params["cell_px"]), jnp.where(r_tile >= 0.5, params["min_grid"], 1.0)
         )
         m = jnp.clip(need, m_lo, m_hi).astype(jnp.int32)
         first, counts = _grid_rows(m, plan.grid_cap, jnp)
@@ -400,11 +408,8 @@ def _trace_cells(rgba, planes, focus, strength, params, plan):
             a_sum = a_sum + jnp.einsum("c,cyx->yx", weight, cover)
             return k0 + size, c_sum, a_sum
 
-        # Whole chunks, then the rest in small ones (a tile in focus has one cell, not a chunk).
-        small = max(1, chunk // 4)
         carry = (jnp.int32(0), jnp.zeros((t, t, 3), jnp.float32), jnp.zeros((t, t), jnp.float32))
-        carry = jax.lax.while_loop(lambda c: c[0] + chunk <= n_cells, lambda c: trace(c, chunk), carry)
-        _, c_sum, a_sum = jax.lax.while_loop(lambda c: c[0] < n_cells, lambda c: trace(c, small), carry)
+        _, c_sum, a_sum = jax.lax.while_loop(lambda c: c[0] < n_cells, lambda c: trace(c, chunk), carry)
         return c_sum, a_sum, n_cells
 
     c_sum, a_sum, rays = jax.lax.map(tile_fn, jnp.arange(n_ty * n_tx, dtype=jnp.int32))

@@ -123,9 +123,11 @@ def compile_step(
     frozen_shardings: Any,
     batch_shardings: Any,
     mesh: jax.sharding.Mesh,
+    compiler_options: dict[str, Any] | None = None,
 ) -> jax.stages.Compiled:
     """``jit(train_step)`` with in/out shardings and the state donated, lowered from abstract shapes
-    (``state``, ``frozen``, ``batch``, ``key`` may be arrays or ``ShapeDtypeStruct``s) and compiled."""
+    (``state``, ``frozen``, ``batch``, ``key`` may be arrays or ``ShapeDtypeStruct``s) and compiled
+    (``compiler_options``: XLA options for this compilation only)."""
     replicated = NamedSharding(mesh, P())
     jitted = jax.jit(
         train_step,
@@ -140,4 +142,5 @@ def compile_step(
         jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated),
     )
     with jax.set_mesh(mesh):
-        return jitted.lower(*args).compile()
+        lowered = jitted.lower(*args)
+    return lowered.compile(compiler_options=compiler_options) if compiler_options else lowered.compile()

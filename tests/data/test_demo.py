@@ -10,13 +10,23 @@ import pytest
 import bokehdiff_jax.cli
 
 MICRO = pathlib.Path(__file__).resolve().parents[1] / "train" / "micro_config.py"
+# The micro config with a batch that divides the 8 fake devices of the test process (tests/conftest.py).
+CONFIG = f"""
+from bokehdiff_jax.train.config import load_config
+
+def get_config():
+    c = load_config({str(MICRO)!r})
+    c.batch_size = 8
+    return c
+"""
 
 
 def test_demo_tiny(tmp_path, monkeypatch):
     monkeypatch.setattr(bokehdiff_jax.cli, "COMMANDS", {"demo": bokehdiff_jax.cli.COMMANDS["demo"]})
     out = tmp_path / "demo"
+    (tmp_path / "micro8.py").write_text(CONFIG)
     tiny = "--image-size 64 --stack 2 --strength 3 --synth-size 32 --samples 1 --rays-max 8 --procedural 1"
-    model = f"--train-steps 2 --train-config {MICRO} --eval-count 1 --eval-size 16"
+    model = f"--train-steps 2 --train-config {tmp_path / 'micro8.py'} --eval-count 1 --eval-size 16"
     argv = ["demo", "--out", str(out), *tiny.split(), *model.split()]
     assert bokehdiff_jax.cli.main(argv) == 0
     page = (out / "index.html").read_text()
@@ -39,7 +49,7 @@ def test_demo_tiny(tmp_path, monkeypatch):
     run = json.loads((out / "demo.json").read_text())
     assert run["cpu_seconds"] > 0 and run["train_seconds"] > 0
     # atomic: no temporary folder left beside the output
-    assert [p.name for p in tmp_path.iterdir()] == ["demo"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo", "micro8.py"]
     assert bokehdiff_jax.cli.main(argv[:3] + ["--stack", "0"]) == 2
     # --model inside the folder it would replace: refused before any work.
     assert bokehdiff_jax.cli.main(argv[:3] + ["--model", str(out / "train")]) == 2

@@ -39,6 +39,7 @@ def test_workdir_model_renders_as_the_trained_model(workdir, onestep):
     assert source_kind(root) == "workdir" and source_kind(root / "checkpoints" / "3") == "workdir"
     render = onestep
     assert render.model.unet.routing.pisa.impl == "auto" and render.model.unet.remat is False
+    traces = render.traces  # compilations of this model structure so far in this process
     image, disparity = _inputs(0, 2, 16, 24)
     focus, strength = np.asarray([0.3, 0.7], np.float32), np.asarray([6.0, 9.0], np.float32)
     out = render(image, disparity, focus, strength)
@@ -52,12 +53,15 @@ def test_workdir_model_renders_as_the_trained_model(workdir, onestep):
     other = render(image, disparity, focus[::-1], 12.0)
     assert np.abs(np.asarray(other) - np.asarray(out)).max() > 1e-4  # PISA sees focus and strength
     f_n, stack = render.focal_stack((image[0] + 1) / 2, disparity[0], 8.0, 5, batch=2)
-    assert render.traces == 1
+    assert render.traces == traces + 1
     np.testing.assert_array_equal(f_n, stack_focus(disparity[0], 5))
     assert stack.shape == (5, 16, 24, 3) and stack.min() >= 0 and stack.max() <= 1
     one = render.render((image[0] + 1) / 2, disparity[0], f_n[3], 8.0)  # a batch of 1: a second shape
     np.testing.assert_allclose(one, stack[3], atol=1e-5)
-    assert render.traces == 2
+    assert render.traces == traces + 2
+    again = OneStep.from_checkpoint(root)  # the same model loaded again shares the compiled programs
+    np.testing.assert_array_equal(again(image, disparity, focus, strength), out)
+    assert again.traces == traces + 2
 
     with pytest.raises(InputError, match="focus shape"):
         render(image, disparity, np.zeros(3), 1.0)
