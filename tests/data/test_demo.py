@@ -1,32 +1,27 @@
-"""A fast smoke test of ``bokehdiff-jax demo`` with tiny settings (the model part trains the micro
-config of tests/train for two steps instead of configs/tiny_cpu.py)."""
+"""A fast smoke test of ``bokehdiff-jax demo`` with tiny settings. The model part runs on a micro model's
+workdir written by the trainer's checkpoint code (``--model``): the demo's own training run costs a
+train-step compilation (about a minute of CPU even for the micro model), so the suite checks its config
+and leaves the run to the demo itself."""
 
 import json
-import pathlib
 import re
+import shutil
 
 import pytest
+from pipeline_helpers import MICRO, write_workdir
 
 import bokehdiff_jax.cli
-
-MICRO = pathlib.Path(__file__).resolve().parents[1] / "train" / "micro_config.py"
-# The micro config with a batch that divides the 8 fake devices of the test process (tests/conftest.py).
-CONFIG = f"""
-from bokehdiff_jax.train.config import load_config
-
-def get_config():
-    c = load_config({str(MICRO)!r})
-    c.batch_size = 8
-    return c
-"""
+from bokehdiff_jax import demo
 
 
 def test_demo_tiny(tmp_path, monkeypatch):
     monkeypatch.setattr(bokehdiff_jax.cli, "COMMANDS", {"demo": bokehdiff_jax.cli.COMMANDS["demo"]})
     out = tmp_path / "demo"
-    (tmp_path / "micro8.py").write_text(CONFIG)
+    run, *_ = write_workdir(tmp_path / "run", "all")
+    rows = [{"step": s, "loss": 1.0 / s, "mse": 0.5 / s, "edge": 0.2 / s} for s in (1, 2, 3)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     tiny = "--image-size 64 --stack 2 --strength 3 --synth-size 32 --samples 1 --rays-max 8 --procedural 1"
-    model = f"--train-steps 2 --train-config {tmp_path / 'micro8.py'} --eval-count 1 --eval-size 16"
+    model = f"--model {run} --eval-count 1 --eval-size 16"
     argv = ["demo", "--out", str(out), *tiny.split(), *model.split()]
     assert bokehdiff_jax.cli.main(argv) == 0
     page = (out / "index.html").read_text()
@@ -41,18 +36,18 @@ def test_demo_tiny(tmp_path, monkeypatch):
     for name in expected.split():
         assert f"{name}.png" in srcs
     assert "filled from neighbours" in page
-    # The model part: a training workdir with its checkpoint, the evaluation of four methods.
-    assert (out / "train" / "checkpoints" / "2").is_dir() and (out / "train" / "metrics.jsonl").is_file()
+    # The model part: the workdir's model and its untrained start, evaluated beside identity and classical.
     summary = json.loads((out / "eval" / "summary.json").read_text())
     assert set(summary["methods"]) == {"identity", "classical", "untrained", "trained"}
     assert "Trained vs untrained" in page and "cannot show" in page and 'href="eval/index.html"' in page
-    run = json.loads((out / "demo.json").read_text())
-    assert run["cpu_seconds"] > 0 and run["train_seconds"] > 0
+    assert json.loads((out / "demo.json").read_text())["cpu_seconds"] > 0
     # atomic: no temporary folder left beside the output
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo", "micro8.py"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo", "run"]
     assert bokehdiff_jax.cli.main(argv[:3] + ["--stack", "0"]) == 2
     # --model inside the folder it would replace: refused before any work.
+    shutil.copytree(run, out / "train")
     assert bokehdiff_jax.cli.main(argv[:3] + ["--model", str(out / "train")]) == 2
+    shutil.rmtree(out / "train")
     # Our marker proves the folder is an earlier demo; a file a user added to it is never deleted.
     assert json.loads((out / "demo.json").read_text())["format"] == "bokehdiff_jax.demo"
     (out / "my_notes.txt").write_text("keep me")
@@ -96,3 +91,18 @@ def test_demo_numbers_are_range_checked_before_work(tmp_path, monkeypatch, capsy
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and flag in err and "rays_min" not in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_demo_training_config(tmp_path):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    demo.add_arguments(parser)
+    ns = parser.parse_args(["--train-steps", "7", "--train-config", str(MICRO)])
+    config = demo._train_config(ns)
+    assert (config.steps, config.checkpoint_every, config.image_every, config.log_every) == (7, 7, 0, 1)
+    defaults = parser.parse_args([])
+    assert defaults.train_steps == 120 and defaults.train_config.endswith("configs/tiny_cpu.py")
+    assert demo._train_config(defaults).model.unet.block_out_channels == (32, 64, 64)  # tiny_cpu itself
+    demo.plot_losses([{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.25}], tmp_path / "l.png", "t")
+    assert (tmp_path / "l.png").stat().st_size > 1000

@@ -39,3 +39,15 @@ def test_rejects_bad_arguments():
         procedural_foreground(4, 0)
     with pytest.raises(ValueError):
         procedural_foreground(32, 0, kind="feathers")
+
+
+def test_procedural_lights_seeded_dark_with_saturated_points():
+    from bokehdiff_jax.data.procedural import procedural_lights
+
+    a, b = procedural_lights((40, 56), 1), procedural_lights((40, 56), 1)
+    assert a.shape == (40, 56, 3) and a.dtype == np.float32
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, procedural_lights((40, 56), 2))
+    assert np.median(a) < 0.15 and (a.max(-1) == 1.0).sum() >= 1  # dark, with saturated lights
+    with pytest.raises(ValueError):
+        procedural_lights(4, 0)

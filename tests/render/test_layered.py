@@ -20,10 +20,10 @@ S = 48
 RAYS = LayeredConfig()  # one plan for the 48 px scenes: one compilation shared by the tests
 
 
-def smooth_bg(seed=0):
+def smooth_bg(seed=0, size=S):
     rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:S, 0:S] / S
-    bg = np.ones((S, S, 4), np.float32)
+    yy, xx = np.mgrid[0:size, 0:size] / S
+    bg = np.ones((size, size, 4), np.float32)
     for c in range(3):
         fx, fy, ph = rng.uniform(3, 7, 3)
         bg[..., c] = 0.5 + 0.4 * np.sin(fx * xx + ph) * np.cos(fy * yy - ph)
@@ -59,7 +59,8 @@ def test_box_means_are_exact_integrals():
     n = 200
     cx, cy = rng.uniform(0, w, n), rng.uniform(0, h, n)
     ex, ey = rng.uniform(0.05, 20, n), rng.uniform(0.05, 20, n)
-    got = np.asarray(layered._box_mean(table, 0, w, h, cx, cy, ex, ey))
+    box_mean = jax.jit(layered._box_mean, static_argnums=(1, 2, 3))
+    got = np.asarray(box_mean(table, 0, w, h, cx, cy, ex, ey))
 
     def overlap(lo, hi, cells):  # length of [lo, hi] inside each unit cell
         return np.clip(np.minimum(hi, np.arange(cells) + 1) - np.maximum(lo, np.arange(cells)), 0, None)
@@ -127,13 +128,12 @@ def test_disparity_labels_at_semi_transparent_pixels():
 
 @pytest.mark.parametrize("d,focus,strength", [(0.8, 0.2, 15.0), (0.3, 0.8, 20.0)])
 def test_point_light_disc_and_energy(d, focus, strength):
-    layer = np.zeros((1, S, S, 4), np.float32)
+    layer = np.zeros((2, S, S, 4), np.float32)  # the second layer is empty (two: the shared plan)
     layer[0, ..., 3] = 1.0
     layer[0, 24, 24, :3] = 1.0
     cfg = LayeredConfig(gamma=1.0)
-    out = np.asarray(render_layers(layer, np.array([[d, 0, 0]], np.float32), focus, strength, config=cfg))[
-        ..., 0
-    ]
+    planes = np.array([[d, 0, 0], [0.99, 0, 0]], np.float32)
+    out = np.asarray(render_layers(layer, planes, focus, strength, config=cfg))[..., 0]
     radius = strength * abs(d - focus)
     assert out.sum() == pytest.approx(1.0, rel=1e-4)  # cells integrate exactly: no energy lost
     yy, xx = np.mgrid[0:S, 0:S] + 0.5
@@ -150,8 +150,8 @@ def test_tilted_plane_in_focus_only_where_its_disparity_is_the_focus():
     bg = smooth_bg(3)
     rng = np.random.default_rng(1)
     bg[..., :3] = rng.uniform(0.1, 0.9, (S, S, 3))  # sharp texture shows any blur
-    planes = np.array([[0.5, 0.8, 0.0]], np.float32)  # disparity 0.1 (left) .. 0.9 (right)
-    out = np.asarray(render_layers(bg[None], planes, 0.5, 10.0, config=RAYS))
+    planes = np.array([[0.5, 0.8, 0.0], [0.99, 0, 0]], np.float32)  # 0.1 (left) .. 0.9 (right)
+    out = np.asarray(render_layers(np.stack([bg, np.zeros_like(bg)]), planes, 0.5, 10.0, config=RAYS))
     err = np.abs(out - bg[..., :3]).mean(axis=(0, 2))  # per column
     # The two centre columns (CoC 0.08 px) are nearly exact; the error grows symmetrically away from
     # them, as the CoC does (3-4 px at both ends).
@@ -174,22 +174,22 @@ def test_foreground_occludes_background_per_ray():
 
 
 def test_rays_follow_the_local_coc_and_crop_is_a_window():
-    # A sharp background with a small blurred foreground: tiles far from it need almost no rays.
-    rgba = np.stack([smooth_bg(2), np.zeros((S, S, 4), np.float32)])
-    rgba[1, 2:6, 2:6] = (0.2, 0.9, 0.3, 1.0)
+    # A sharp background with a small blurred foreground: tiles far from it need almost no rays. On a
+    # 96 px canvas with 48 px windows: the plan of the convergence test below, no compilation of its own.
+    n = 2 * S
+    rgba = np.stack([smooth_bg(2, n), np.zeros((n, n, 4), np.float32)])
+    rgba[1, 26:30, 26:30] = (0.2, 0.9, 0.3, 1.0)
     planes = np.array([[0.3, 0.0, 0.0], [0.9, 0.0, 0.0]], np.float32)
-    out, rays = render_layers(rgba, planes, 0.3, 10.0, config=RAYS, return_rays=True)  # fg CoC 6 px
-    rays = np.asarray(rays)
+    a, rays = render_layers(rgba, planes, 0.3, 10.0, config=RAYS, crop=(24, 24, S, S), return_rays=True)
+    rays = np.asarray(rays)  # fg CoC 6 px: a grid of 8 cells a side near it, one cell far from it
     assert rays.shape == (3, 3) and rays[2, 2] == 1 and rays[0, 0] == layered.grid_cells(8)
-    # A window (rays still see the whole canvas); its place is traced: a second one reuses the tracer.
-    part = render_layers(rgba, planes, 0.3, 10.0, config=RAYS, crop=(16, 8, 24, 40))
-    np.testing.assert_allclose(part, np.asarray(out)[16:40, 8:48], atol=1e-6)
+    # The window's place is traced (same compilation); windows whose tiles coincide agree exactly.
     size = layered._render_layers_jit._cache_size()
-    part = render_layers(rgba, planes, 0.3, 10.0, config=RAYS, crop=(20, 0, 24, 40))
-    np.testing.assert_allclose(part, np.asarray(out)[20:44, 0:40], atol=1e-6)
+    b = render_layers(rgba, planes, 0.3, 10.0, config=RAYS, crop=(40, 24, S, S))
     assert layered._render_layers_jit._cache_size() == size
+    np.testing.assert_array_equal(np.asarray(a)[16:], np.asarray(b)[:32])
     with pytest.raises(ValueError, match="crop"):
-        render_layers(rgba, planes, 0.3, 10.0, config=RAYS, crop=(40, 0, 16, 16))
+        render_layers(rgba, planes, 0.3, 10.0, config=RAYS, crop=(60, 0, S, S))
 
 
 def _hard_scene(size=48, pad=24):
