@@ -18,7 +18,7 @@ BENCHMARKS: dict[str, str] = {
     "synth": "synthesized targets: cost and convergence vs many-ray renders, blur distribution vs released",
     "export": "export / import of a full-size SDXL LoRA (rank 8) + VAE parts: time and peak RSS",
     "onestep": "one-step render with a trained model: JAX vs PyTorch on CPU; full-SDXL AOT memory/FLOPs",
-    "train": "training: dry-run memory/FLOPs of sdxl_gpu1 and tpu_pod, implied img/s at 40% MFU, CPU figure",
+    "train": "training: dry-run memory/FLOPs of sdxl_gpu1 and tpu_pod, implied img/s at 40%% MFU, CPU figure",
     "train-step": "one LoRA training step (model, MSE + edge + LPIPS, backward, AdamW): JAX vs PyTorch",
 }
 
