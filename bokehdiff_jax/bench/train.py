@@ -39,7 +39,16 @@ DRY_RUNS = {
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--only", nargs="*", default=None, help=f"dry runs to do, of: {', '.join(DRY_RUNS)}")
     p.add_argument("--tiny-steps", type=int, default=60, help="tiny_cpu steps for the CPU figure (0: skip)")
-    p.add_argument("--out", default=None, help="folder for the dry-run workdirs and reports (default: temporary)")
+    p.add_argument(
+        "--out", default=None, help="folder for the dry-run workdirs and reports (default: temporary)"
+    )
+    p.add_argument(
+        "--summarize",
+        metavar="WORKDIR",
+        default=None,
+        help="instead: step time, peak memory and MFU of a run in WORKDIR that also holds its dry_run.json",
+    )
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="the chip's peak, for --summarize's MFU")
 
 
 def _bdj(args: list[str], devices: int, **env_extra: str) -> subprocess.CompletedProcess:
@@ -88,7 +97,34 @@ def tiny_cpu(steps: int, out: Path) -> dict:
     }
 
 
+def summarize(workdir: Path, peak_tflops: float) -> dict:
+    """Step time (median over the logged steps after the first two: compilation and warm-up), peak
+    device memory (the largest ``peak_memory_gib`` logged) and MFU = per-device FLOPs per step (from the
+    dry run) / step time / peak."""
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    report = json.loads((workdir / "dry_run.json").read_text())
+    steady = rows[2:] or rows
+    step_s = statistics.median(1.0 / r["steps_per_s"] for r in steady)
+    peak = max((r.get("peak_memory_gib", 0.0) for r in rows), default=0.0)
+    out = {
+        "steps": len(rows),
+        "step_s": step_s,
+        "images_per_s": report["batch_size"] / step_s,
+        "peak_memory_gib": peak,
+        "dry_run_memory_gib": report["memory_gib"],
+        "gflop_per_step_per_device": report["flops"] / 1e9,
+        "mfu": report["flops"] / step_s / (peak_tflops * 1e12),
+        "loss_first_last": (rows[0]["loss"], rows[-1]["loss"]),
+        "device": report["devices"]["kind"],
+    }
+    print(json.dumps(out, indent=1))
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.summarize:
+        summarize(Path(args.summarize), args.peak_tflops)
+        return 0
     names = args.only or list(DRY_RUNS)
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench_train_"))
     chips = list(PEAK_TFLOPS)
@@ -112,8 +148,9 @@ def run(args: argparse.Namespace) -> int:
         t = tiny_cpu(args.tiny_steps, out)
         print(
             f"\ntiny_cpu measured on this CPU: {t['images_per_s']:.2f} images/s, {t['achieved_gflops']:.2f} "
-            f"GFLOP/s achieved ({t['flops_per_image'] / 1e9:.2f} GFLOP per image), loss {t['loss_first']:.4f} -> "
-            f"{t['loss_last']:.4f} over {args.tiny_steps} steps, {t['memory_gib']:.3f} GiB"
+            f"GFLOP/s achieved ({t['flops_per_image'] / 1e9:.2f} GFLOP per image), "
+            f"loss {t['loss_first']:.4f} -> {t['loss_last']:.4f} over {args.tiny_steps} steps, "
+            f"{t['memory_gib']:.3f} GiB"
         )
     print(f"\nreports in {out}")
     return 0

@@ -45,9 +45,10 @@ class PisaConfig:
         CoC cannot reach) or ``"auto"``: chosen per call from the backend and sizes (``resolve_impl``).
         All give the same result up to rounding (sparse: up to ``sparse_tolerance``).
       block_q, block_k: query and key block sizes (tokens) of blockwise and sparse.
-      keys_per_step: keys one loop iteration of blockwise/sparse visits (whole key blocks, at least one):
-        a CPU is fastest with one block pair per iteration, an accelerator needs a device's worth of work
-        per iteration. None: ``KEYS_PER_STEP`` of the backend.
+      keys_per_step: work per loop iteration of blockwise/sparse, as keys: ``keys_per_step // block_k``
+        (query block, key block) pairs are computed together (at least one). A CPU is fastest with one
+        pair per iteration, an accelerator needs a device's worth of work per iteration. None:
+        ``KEYS_PER_STEP`` of the backend.
       sparse_tolerance: sparse skips a pair of blocks when the soft edge is below this value on every
         (query, key) pair in it; 0 skips nothing (unless the edge is hard, where it skips exact zeros).
     """
@@ -106,7 +107,8 @@ DEFAULT_CONFIG = PisaConfig()
 # backward pass, gets a quarter); beyond it sparse (blockwise without the CoC). On a CPU dense loses to
 # sparse early (bench pisa: 5.6x slower at N = 1024); an accelerator runs dense fastest while it fits.
 DENSE_BUDGET = {"cpu": 16 * 2**20, "accelerator": 2**30}
-# keys_per_step=None: keys per loop iteration of blockwise/sparse. 0: one key block (a CPU's caches).
+# keys_per_step=None: keys per loop iteration of blockwise/sparse (8192: 64 pairs of 128-token blocks).
+# 0: one block pair (a CPU's caches).
 KEYS_PER_STEP = {"cpu": 0, "accelerator": 8192}
 
 

@@ -13,7 +13,6 @@ import json
 import sys
 
 
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="config file, optionally with variants: configs/X.py[:a,b]")
     p.add_argument("--workdir", required=True, help="run folder: config.json, checkpoints/, metrics.jsonl, ...")

@@ -1,5 +1,5 @@
-"""Blockwise/sparse PISA with several key blocks per loop iteration (a row of key blocks, the layout for
-accelerators), the chunk packing, and ``impl="auto"``."""
+"""Blockwise/sparse PISA with several block pairs per loop iteration (the layout for accelerators), the
+chunk packing, and ``impl="auto"``."""
 
 import jax
 import jax.numpy as jnp
@@ -24,43 +24,47 @@ def _close(a, b, rtol=1e-5):
     np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * max(np.abs(b).max(), 1e-3))
 
 
-def test_make_chunks_visits_every_active_pair_once():
+def test_make_chunks_packs_every_active_pair_once_into_matchings():
     rng = np.random.default_rng(0)
     active = rng.uniform(size=(7, 10)) < 0.4
-    active[3] = False  # a row with nothing to do takes no iteration
-    for r in (1, 3, 10):
-        c = make_chunks(jnp.asarray(active), r)
+    active[3] = False
+    for g in (1, 3, 50):
+        c = make_chunks(jnp.asarray(active), g)
         n = int(c.count)
-        assert n == sum(-(-int(a) // r) for a in active.sum(1))
         qb, kb = np.asarray(c.qb)[:n], np.asarray(c.kb)[:n]
         seen = np.zeros_like(active, int)
-        for row, blocks in zip(qb, kb, strict=True):
-            real = blocks[blocks < 10]
-            assert len(set(real.tolist())) == len(real)  # distinct key blocks within a chunk
-            assert np.all(blocks[len(real) :] == 10)  # unused slots: the spare block, at the end
-            seen[row, real] += 1
+        for rows, cols in zip(qb, kb, strict=True):
+            real = rows < 7
+            assert np.all((cols < 10) == real) and real.any()  # unused slots: both spares
+            assert len(set(rows[real])) == real.sum() and len(set(cols[real])) == real.sum()  # a matching
+            assert len(set((cols - rows)[real])) == 1  # on one diagonal
+            seen[rows[real], cols[real]] += 1
         np.testing.assert_array_equal(seen, active.astype(int))
+        diagonals = {}
+        for i, j in zip(*np.nonzero(active), strict=True):
+            diagonals[j - i] = diagonals.get(j - i, 0) + 1
+        assert n == sum(-(-a // min(g, 7)) for a in diagonals.values())  # no chunk more than needed
 
 
 @pytest.mark.parametrize("softmax_q", [True, False])
-def test_rows_of_key_blocks_equal_dense_and_one_pair_per_step(softmax_q):
+def test_many_pairs_per_step_equal_dense_and_one_pair_per_step(softmax_q):
     grid = (6, 10)
     q, k, v, disp, f, s = make_inputs(11, 2, grid, 2, 8, (24, 40))
     s = s * 0.3  # some block pairs out of reach, so sparse skips
     base = dict(softmax_q=softmax_q, block_q=8, block_k=8, sparse_tolerance=1e-7)
     ref, _ = _run(PisaConfig(impl="dense", **base), grid, q, k, v, disp, f, s)
     one, _ = _run(PisaConfig(impl="blockwise", keys_per_step=8, **base), grid, q, k, v, disp, f, s)
-    row, _ = _run(PisaConfig(impl="blockwise", keys_per_step=10_000, **base), grid, q, k, v, disp, f, s)
+    many, _ = _run(PisaConfig(impl="blockwise", keys_per_step=10_000, **base), grid, q, k, v, disp, f, s)
     sparse, _ = _run(PisaConfig(impl="sparse", keys_per_step=24, **base), grid, q, k, v, disp, f, s)
     _close(one, ref)
-    _close(row, one)  # a whole row of key blocks per step
-    _close(sparse, ref, rtol=1e-4)  # three key blocks per step, skipped blocks packed out
+    _close(many, one)  # whole diagonals of block pairs per step
+    _close(sparse, ref, rtol=1e-4)  # three pairs per step, skipped pairs packed out
 
 
-def test_rows_of_key_blocks_gradients():
+def test_many_pairs_per_step_gradients():
     grid = (3, 5)
     q, k, v, disp, f, s = make_inputs(12, 1, grid, 1, 4, (9, 15), scale=0.5)
-    for sq in (True, False):  # sparse: the engine of blockwise too, with packed chunks
+    for sq in (True, False):  # sparse: the engine of blockwise too, with packed chunks of 2 pairs
         cfg = PisaConfig(impl="sparse", softmax_q=sq, block_q=4, block_k=4, keys_per_step=8,
                          sparse_tolerance=1e-7, supersample=2, segments=3)  # fmt: skip
         _, fn = _run(cfg, grid, q, k, v, disp, f, s)
@@ -73,7 +77,7 @@ def test_auto_picks_dense_while_it_fits_then_sparse():
     small = dict(batch=1, heads=10, train=False)
     assert resolve_impl(cfg, n_q=256, n_k=256, backend="cpu", **small) == ("dense", 128)
     assert resolve_impl(cfg, n_q=1024, n_k=1024, backend="cpu", **small) == ("sparse", 128)
-    # An accelerator: dense at SDXL 1024 px (4096 tokens), sparse at 2048 px, whole rows of 8192 keys.
+    # An accelerator: dense at SDXL 1024 px (4096 tokens), sparse at 2048 px, 8192 keys (64 pairs) a step.
     assert resolve_impl(cfg, n_q=4096, n_k=4096, backend="gpu", **small)[0] == "dense"
     assert resolve_impl(cfg, n_q=16384, n_k=16384, backend="gpu", **small) == ("sparse", 8192)
     assert resolve_impl(PisaConfig(coc=False), n_q=16384, n_k=16384, backend="tpu", **small)[0] == "blockwise"
