@@ -27,7 +27,12 @@ import optax
 
 from bokehdiff_jax import sharding
 from bokehdiff_jax.errors import InputError
-from bokehdiff_jax.losses import backbone_channels, init_discriminator
+from bokehdiff_jax.losses import (
+    ConvNeXt,
+    backbone_channels,
+    convnext_from_timm,
+    init_discriminator,
+)
 from bokehdiff_jax.losses.lpips_weights import expected_shapes
 from bokehdiff_jax.models.bokehdiff import random_prompt_embeds
 from bokehdiff_jax.models.configs import UNetConfig, VAEConfig
@@ -154,7 +159,8 @@ class Run:
 
 
 def abstract_batch(config: ml_collections.ConfigDict) -> dict:
-    """Global batch shapes: images ``[B, S, S, 3]`` in [0, 1], disparity ``[B, S, S]``, focus, strength ``[B]``."""
+    """Global batch shapes: images ``[B, S, S, 3]`` in [0, 1], disparity ``[B, S, S]``, focus and
+    strength ``[B]``."""
     b, s = config.batch_size, config.resolution
     f32 = jnp.float32
     return {
@@ -199,11 +205,16 @@ def make_run(
             jax.random.key(0),
         )
         params["discriminator"], carry["spectral"] = head, spectral
-        if losses.adversarial.backbone != "vgg16":
-            raise InputError(
-                "config losses.discriminator.backbone: only 'vgg16' is wired into training so far "
-                "(ConvNeXt needs a user-supplied timm file)"
-            )
+        if losses.adversarial.backbone == "convnext":
+            if not config.losses.discriminator.weights:
+                raise InputError(
+                    "config losses.discriminator.backbone='convnext' needs losses.discriminator.weights "
+                    "(a timm ConvNeXt-base safetensors file)"
+                )
+            convnext = ConvNeXt(losses.adversarial.convnext)
+            frozen["disc_backbone"] = jax.eval_shape(
+                lambda k: convnext.init(k, jnp.zeros((1, 32, 32, 3), jnp.float32)), jax.random.key(0)
+            )["params"]
     if needs_lpips_params(losses):
         frozen["lpips"] = _lpips_abstract()
     tx = optim.make_optimizer(config, params)
@@ -269,6 +280,11 @@ def initial_values(run: Run) -> tuple[TrainState, dict]:
         )
         params["discriminator"] = jax.device_put(head, run.state_shardings.params["discriminator"])
         carry["spectral"] = jax.device_put(spectral, run.state_shardings.carry["spectral"])
+    if "disc_backbone" in run.frozen:
+        frozen["disc_backbone"] = jax.device_put(
+            convnext_from_timm(config.losses.discriminator.weights, losses.adversarial.convnext),
+            run.frozen_shardings["disc_backbone"],
+        )
     if "lpips" in run.frozen:
         from bokehdiff_jax.losses import lpips_params
 

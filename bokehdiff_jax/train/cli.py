@@ -14,14 +14,22 @@ import sys
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="config file, optionally with variants: configs/X.py[:a,b]")
-    p.add_argument("--workdir", required=True, help="run folder: config.json, checkpoints/, metrics.jsonl, ...")
+    p.add_argument(
+        "--config", required=True, help="config file, optionally with variants: configs/X.py[:a,b]"
+    )
+    p.add_argument(
+        "--workdir", required=True, help="run folder: config.json, checkpoints/, metrics.jsonl, ..."
+    )
     p.add_argument(
         "--dry-run",
         action="store_true",
         help="compile the step from abstract shapes only; write WORKDIR/dry_run.json and exit",
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (metrics.jsonl and TensorBoard are still written)")
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar (metrics.jsonl and TensorBoard are still written)",
+    )
     p.epilog = "Any config key can be overridden: --config.KEY=VALUE (e.g. --config.steps=100)."
     p.set_defaults(_accepts_extra=True)
 

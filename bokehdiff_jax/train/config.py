@@ -103,7 +103,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.losses.adversarial_start = 30_000  # step at which the adversarial term (and D's training) begins
     c.losses.lpips_weights = ""  # LPIPS-VGG weights file; "": the cached default (fetched once)
     c.losses.discriminator = ml_collections.ConfigDict()
-    c.losses.discriminator.backbone = "vgg16"  # frozen feature extractor under the trained head
+    # The frozen feature extractor under the trained head: "vgg16" (LPIPS's VGG16, offline weights) or
+    # "convnext" (the released choice, ConvNeXt-base; `weights` = a timm safetensors file).
+    c.losses.discriminator.backbone = "vgg16"
+    c.losses.discriminator.weights = ""
+    c.losses.discriminator.convnext_input = "imagenet"  # or "released": [0, 1] images, unnormalised
     c.losses.discriminator.hidden = 256
 
     c.optimizer = ml_collections.ConfigDict()
@@ -192,9 +196,7 @@ VARIANTS: dict[str, tuple[Callable[[ml_collections.ConfigDict], None], str]] = {
         "the paper's loss weights (1 / 5 / 1 / 0.5), its edge loss and learning rate 1e-4",
     ),
     "released": (
-        _set(
-            losses__adversarial=0.1, losses__edge_variant="released", pisa__train_occlusion_clamp=0.99
-        ),
+        _set(losses__adversarial=0.1, losses__edge_variant="released", pisa__train_occlusion_clamp=0.99),
         "the released script's loss weights, edge variant and occlusion clamp",
     ),
 }

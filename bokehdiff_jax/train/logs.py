@@ -120,7 +120,9 @@ class Monitor:
 
     def images(self, step: int, batch: dict[str, np.ndarray], output: np.ndarray) -> None:
         if self.enabled:
-            self._tb.add_image("train/input_target_output_disparity", image_grid(batch, output), step, dataformats="HWC")
+            self._tb.add_image(
+                "train/input_target_output_disparity", image_grid(batch, output), step, dataformats="HWC"
+            )
 
     def note(self, text: str) -> None:
         if self.enabled:

@@ -39,7 +39,9 @@ class Diverged(RuntimeError):
     """A non-finite loss or gradient: ``step`` is the update that produced it (1-based)."""
 
     def __init__(self, step: int, metrics: dict[str, float]) -> None:
-        shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k in ("loss", "objective", "grad_norm"))
+        shown = ", ".join(
+            f"{k}={v:.4g}" for k, v in metrics.items() if k in ("loss", "objective", "grad_norm")
+        )
         super().__init__(
             f"training diverged at step {step}: non-finite loss or gradient ({shown}); the last checkpoint "
             "is from before it"
@@ -108,7 +110,16 @@ def _host(metrics: Any) -> dict[str, float]:
     return {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
 
 
-def prepare(config: ml_collections.ConfigDict, workdir: str | Path, *, for_dry_run: bool = False) -> tuple[Run, list[str]]:
+def _peak_memory_gib() -> float | None:
+    """The largest device memory in use so far on this process's first device (None where the backend
+    does not say: CPU)."""
+    stats = jax.local_devices()[0].memory_stats()
+    return stats["peak_bytes_in_use"] / 2**30 if stats and "peak_bytes_in_use" in stats else None
+
+
+def prepare(
+    config: ml_collections.ConfigDict, workdir: str | Path, *, for_dry_run: bool = False
+) -> tuple[Run, list[str]]:
     """The run and notes for the user; refuses a workdir that cannot take this config (writes nothing)."""
     initialize_distributed()
     run = make_run(config, for_dry_run=for_dry_run)
@@ -186,7 +197,8 @@ def train(
             if not host.pop("finite"):
                 raise Diverged(step, host)
             if step % config.log_every == 0 or step == config.steps:
-                monitor.log(step, host)
+                peak = _peak_memory_gib()
+                monitor.log(step, host if peak is None else {**host, "peak_memory_gib": peak})
             if images is not None:
                 monitor.images(step, images[0], np.asarray(images[1]))
             monitor.tick(step)

@@ -3,11 +3,12 @@
 
 The trees the step sees::
 
-    params  = {"model": <partition.split's trainable tree>, "discriminator": <head params>}   trained
-    carry   = {"spectral": <the head's power-iteration vectors>}                             carried, not trained
-    frozen  = {"model": <partition.split's frozen tree>,
-               "lpips": <LPIPS-VGG params>,            when the LPIPS term or the VGG16 discriminator is on
-               "disc_backbone": <ConvNeXt params>}     for the ConvNeXt discriminator
+    params = {"model": <partition.split's trainable tree>,       trained
+              "discriminator": <head params>}
+    carry  = {"spectral": <the head's power-iteration vectors>}  carried, not trained
+    frozen = {"model": <partition.split's frozen tree>,
+              "lpips": <LPIPS-VGG params>,        with the LPIPS term or the VGG16 discriminator
+              "disc_backbone": <ConvNeXt params>} for the ConvNeXt discriminator
 
 ``"discriminator"`` / ``"spectral"`` exist only with a non-zero adversarial weight. The differentiated
 objective is the generator's loss plus the discriminator's: ``losses.generator_loss`` holds the head
@@ -59,6 +60,7 @@ def loss_config(config: ml_collections.ConfigDict) -> LossConfig:
     lc = config.losses
     adv = AdversarialConfig(
         backbone=lc.discriminator.backbone,
+        convnext_input=lc.discriminator.convnext_input,
         hidden=lc.discriminator.hidden,
         start_step=lc.adversarial_start,
         disc_lr_factor=float(config.optimizer.lr_scale.discriminator),

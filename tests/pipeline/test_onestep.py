@@ -58,10 +58,11 @@ def test_workdir_model_renders_as_the_trained_model(workdir, onestep):
     assert stack.shape == (5, 16, 24, 3) and stack.min() >= 0 and stack.max() <= 1
     one = render.render((image[0] + 1) / 2, disparity[0], f_n[3], 8.0)  # a batch of 1: a second shape
     np.testing.assert_allclose(one, stack[3], atol=1e-5)
-    assert render.traces == traces + 2
+    # A batch of 1 is a new shape unless an earlier test in this process already compiled it.
+    assert render.traces <= traces + 2
     again = OneStep.from_checkpoint(root)  # the same model loaded again shares the compiled programs
     np.testing.assert_array_equal(again(image, disparity, focus, strength), out)
-    assert again.traces == traces + 2
+    assert again.traces == render.traces  # loading again compiles nothing new
 
     with pytest.raises(InputError, match="focus shape"):
         render(image, disparity, np.zeros(3), 1.0)

@@ -74,7 +74,9 @@ def test_variants_change_one_word_not_code():
     abl = config_lib.resolve(TINY + ":no_occlusion,no_edge,pisa_all", [])
     assert base.pisa.occlusion and not abl.pisa.occlusion
     assert abl.losses.edge == 0.0 and abl.pisa_paths == ("*.attn1",)
-    assert config_lib.resolve(str(ROOT / "configs" / "sdxl_gpu1.py") + ":vanilla_attention", []).pisa_paths == ()
+    assert (
+        config_lib.resolve(str(ROOT / "configs" / "sdxl_gpu1.py") + ":vanilla_attention", []).pisa_paths == ()
+    )
     with pytest.raises(InputError, match="config variant 'no_such'"):
         config_lib.resolve(TINY + ":no_such", [])
 
@@ -180,7 +182,9 @@ def test_groups_schedule_and_per_group_clipping():
     u1, _ = tx.update(g, state, params)
     u2, _ = tx.update(huge, state, params)
     # The discriminator's huge gradient is clipped in its own group: the generator's update is unchanged.
-    np.testing.assert_array_equal(u1["model"]["unet"]["lora"]["a"]["A"], u2["model"]["unet"]["lora"]["a"]["A"])
+    np.testing.assert_array_equal(
+        u1["model"]["unet"]["lora"]["a"]["A"], u2["model"]["unet"]["lora"]["a"]["A"]
+    )
 
 
 def test_accumulated_step_equals_one_big_step():

@@ -144,7 +144,12 @@ def _free_port() -> int:
 
 
 def test_two_processes_train_like_one_with_four_devices(tmp_path, cache_dir):
-    args = ("--config.batch_size=4", "--config.steps=3", "--config.checkpoint_every=3", "--config.image_every=0")
+    args = (
+        "--config.batch_size=4",
+        "--config.steps=3",
+        "--config.checkpoint_every=3",
+        "--config.image_every=0",
+    )
     one = _train(tmp_path / "one", _env(cache_dir, devices=4), *args)
     assert one.returncode == 0, one.stderr
     port = _free_port()
@@ -158,7 +163,11 @@ def test_two_processes_train_like_one_with_four_devices(tmp_path, cache_dir):
             JAX_PROCESS_ID=str(i),
         )
         cmd = _cmd(tmp_path / "two") + ["--no-progress", *args]
-        procs.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        procs.append(
+            subprocess.Popen(
+                cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+        )
     outs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     assert "over 2 process(es)" in outs[0][0] + outs[0][1]
@@ -177,7 +186,12 @@ def test_dry_run_report(tmp_path, cache_dir):
     assert set(report["trainable_params"]) == {"unet", "vae"}  # trainable="all"
     assert report["trainable_params"]["unet"] > 0 and report["frozen_params"]["cond"] > 0
     mem = report["memory"]
-    assert mem["total_bytes"] == mem["argument_bytes"] + mem["output_bytes"] - mem["alias_bytes"] + mem["temp_bytes"]
+    assert (
+        mem["total_bytes"]
+        == mem["argument_bytes"] + mem["output_bytes"] - mem["alias_bytes"] + mem["temp_bytes"]
+    )
     assert mem["argument_bytes"] > 4 * sum(report["trainable_params"].values())  # fp32 params at least
-    assert report["flops"] > 0 and report["devices"]["count"] == 1 and report["mesh"] == {"data": 1, "fsdp": 1}
+    assert (
+        report["flops"] > 0 and report["devices"]["count"] == 1 and report["mesh"] == {"data": 1, "fsdp": 1}
+    )
     assert not (tmp_path / "dry" / "checkpoints").exists()
