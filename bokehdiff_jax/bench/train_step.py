@@ -25,6 +25,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -61,6 +62,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "machine gives, in this process",
     )
     parser.add_argument("--no-pisa-line", action="store_true", help="skip the PISA-on line (ours only)")
+    parser.add_argument(
+        "--omp-passive",
+        action="store_true",
+        help="PyTorch's OpenMP threads sleep at barriers instead of spinning (OMP_WAIT_POLICY=PASSIVE): "
+        "on a machine loaded by other jobs, spinning threads wait for preempted partners",
+    )
     parser.add_argument("--seed", type=int_in(0), default=0, help="weights and data seed (default 0)")
 
 
@@ -236,6 +243,10 @@ def _spread(cpu: list[list[float]]) -> str:
 
 
 def _one(args: argparse.Namespace, threads: int) -> int:
+    if args.omp_passive:
+        if "torch" in sys.modules:
+            print("warning: torch is already loaded; --omp-passive has no effect", file=sys.stderr)
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # read when torch loads its OpenMP runtime
     if threads > 0:
         from bokehdiff_jax.bench.common import limit_threads
 
@@ -263,6 +274,7 @@ def _one(args: argparse.Namespace, threads: int) -> int:
         f"train step: small SDXL-shaped U-Net + VAE ({n_frozen / 1e6:.1f} M frozen, {n_train / 1e6:.2f} M "
         f"trained: LoRA r8 + VAE encoder parts), batch {args.batch} x {args.size}^2, fp32, CPU, "
         f"threads: XLA pool {os.environ.get('PJRT_NPROC', 'default')}, torch {torch.get_num_threads()}"
+        + (" (OMP_WAIT_POLICY=PASSIVE)" if args.omp_passive else "")
     )
     pisa_compile = f", ours + PISA {on.compile_s:.1f} s" if on else ""
     print(f"  compile (apart): ours {off.compile_s:.1f} s{pisa_compile}")
@@ -314,7 +326,11 @@ def run(args: argparse.Namespace) -> int:
     if len(counts) == 1:
         return _one(args, counts[0])
     rc = 0
-    for n in counts:  # a fresh process per count: XLA sizes its thread pool once per process
+    # A fresh process per count (XLA sizes its thread pool once per process); they share a temporary
+    # compilation cache, so only the first compiles (its compile time is the one to read).
+    cache = tempfile.TemporaryDirectory(prefix="bench_train_step_")
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": cache.name}
+    for n in counts:
         cmd = [
             sys.executable,
             "-m",
@@ -325,10 +341,10 @@ def run(args: argparse.Namespace) -> int:
             f"--threads={n}",
             f"--seed={args.seed}",
         ]
-        if args.no_pisa_line:
-            cmd.append("--no-pisa-line")
+        cmd += ["--no-pisa-line"] * args.no_pisa_line + ["--omp-passive"] * args.omp_passive
         sys.stdout.flush()
-        rc = max(rc, subprocess.run(cmd, check=False).returncode)
+        rc = max(rc, subprocess.run(cmd, check=False, env=env).returncode)
+    cache.cleanup()
     return rc
 
 

@@ -161,20 +161,19 @@ def _sdxl(latent: int) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.threads == 1:
-        import os
         import sys
 
-        from jax._src import xla_bridge  # XLA_FLAGS are read when the first backend starts
+        from bokehdiff_jax.bench.common import limit_threads
 
-        if xla_bridge.backends_are_initialized():
-            print(
-                "warning: the JAX backend already runs; --threads 1 applies to PyTorch only", file=sys.stderr
-            )
-        flags = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()
-        import torch
+        # XLA's thread pool is sized once, from PJRT_NPROC (XLA flags do not shrink it: the earlier
+        # "--xla_cpu_multi_thread_eigen=false" runs still used two threads on the JAX side).
+        try:
+            limit_threads(1)
+        except RuntimeError as e:
+            print(f"warning: {e}; --threads 1 applies to PyTorch only", file=sys.stderr)
+            import torch
 
-        torch.set_num_threads(1)
+            torch.set_num_threads(1)
     if not args.skip_small:
         _small(args.latent, args.repeats)
     if not args.skip_sdxl:

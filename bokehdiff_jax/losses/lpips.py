@@ -26,6 +26,16 @@ NORM_EPS = 1e-10
 _TINY_SQUARED_NORM = 1e-30
 
 
+def max_pool_2x2(x_bhwc: jax.Array) -> jax.Array:
+    """2x2 max-pooling with stride 2, odd sides floored (torch's ``max_pool2d(x, 2, 2)``), as a reshape and
+    a max. Same values as ``nn.max_pool``; its gradient is an elementwise mask, where ``nn.max_pool``'s
+    (select-and-scatter) expands on XLA:CPU into index tensors and a variadic reduce-window, about 6% of
+    a training step with the LPIPS term (``bench train-step``). At ties the gradient is shared."""
+    b, h, w, c = x_bhwc.shape
+    x = x_bhwc[:, : h - h % 2, : w - w % 2]
+    return jnp.max(x.reshape(b, h // 2, 2, w // 2, 2, c), axis=(2, 4))
+
+
 class VGG16Features(nn.Module):
     """torchvision's VGG16 ``features`` up to ``relu5_3``: 13 3x3 convolutions (padding 1) with ReLU,
     2x2/2 max-pooling (floor) before blocks 2-5. ``__call__(x [B, H, W, 3])`` returns the five LPIPS
@@ -40,7 +50,7 @@ class VGG16Features(nn.Module):
         x = x_bhwc.astype(self.dtype)
         for b, block in enumerate(VGG16_BLOCKS):
             if b > 0:
-                x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+                x = max_pool_2x2(x)
             for i, ch in enumerate(block):
                 conv = nn.Conv(
                     ch, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, name=f"conv{b + 1}_{i + 1}"
@@ -73,9 +83,11 @@ def lpips_distance(
 ) -> jax.Array:
     """LPIPS-VGG distance per image, ``[B]``. ``x``, ``y``: ``[B, H, W, 3]`` in [-1, 1]; any ``H, W >= 16``.
 
-    ``params``: ``lpips_params()`` (``{"vgg": ..., "heads": ...}``). Both images go through VGG in one
-    batch. Per tap: normalise channels, square the difference, weight channels by the head, average
-    over positions; the five tap values are summed.
+    ``params``: ``lpips_params()`` (``{"vgg": ..., "heads": ...}``). Each image batch goes through VGG
+    on its own: in training only ``x`` (the prediction) is differentiated, and one VGG pass over the
+    concatenated pair would transpose every convolution over the target's half too (twice the backward
+    work; ``bench train-step``). Per tap: normalise channels, square the difference, weight channels by
+    the head, average over positions; the five tap values are summed.
     """
     if x_bhwc.shape != y_bhwc.shape or x_bhwc.ndim != 4 or x_bhwc.shape[-1] != 3:
         raise ValueError(
@@ -83,12 +95,13 @@ def lpips_distance(
         )
     if min(x_bhwc.shape[1:3]) < 16:  # four 2x2 poolings before relu5_3: fewer pixels leave it empty
         raise ValueError(f"lpips_distance: images must be at least 16x16 pixels, got {x_bhwc.shape[1:3]}")
-    b = x_bhwc.shape[0]
-    taps = vgg16_taps(params["vgg"], jnp.concatenate([x_bhwc, y_bhwc], axis=0), dtype)
-    total = jnp.zeros((b,), jnp.float32)
-    for name, f in zip(LPIPS_TAPS, taps, strict=True):
-        f = normalize_channels(f.astype(jnp.float32))
-        d_bhwc = jnp.square(f[:b] - f[b:])
+    taps_x = vgg16_taps(params["vgg"], x_bhwc, dtype)
+    taps_y = vgg16_taps(params["vgg"], y_bhwc, dtype)
+    total = jnp.zeros((x_bhwc.shape[0],), jnp.float32)
+    for name, fx, fy in zip(LPIPS_TAPS, taps_x, taps_y, strict=True):
+        fx = normalize_channels(fx.astype(jnp.float32))
+        fy = normalize_channels(fy.astype(jnp.float32))
+        d_bhwc = jnp.square(fx - fy)
         per_position = jnp.einsum("bhwc,c->bhw", d_bhwc, params["heads"][name].astype(jnp.float32))
         total = total + jnp.mean(per_position, axis=(1, 2))
     return total

@@ -423,7 +423,7 @@ def _trace_cells(rgba, planes, focus, strength, params, plan):
 
 def _trace_points(rgba, planes, focus, strength, params, plan):
     """``sampling="points"``: the same ray geometry with ``num_rays`` golden-angle points and bilinear
-    lookups, over the whole canvas (then cropped)."""
+    lookups, over the window."""
     n_layers, h, w, _ = rgba.shape
     prem = _prepare(rgba.astype(jnp.float32), params["gamma"])
     c0, a, b = _plane_terms(planes.astype(jnp.float32), focus, h, w)
@@ -437,8 +437,9 @@ def _trace_points(rgba, planes, focus, strength, params, plan):
     v_chunks = jnp.asarray(valid.reshape(n_chunks, plan.ray_chunk))
 
     rows = plan.row_chunk
-    n_row_chunks = -(-h // rows)
-    px = jnp.arange(w, dtype=jnp.float32) + 0.5
+    (out_h, out_w), top, left = plan.out_hw, params["top"], params["left"]
+    n_row_chunks = -(-out_h // rows)
+    px = left.astype(jnp.float32) + jnp.arange(out_w, dtype=jnp.float32) + 0.5
 
     def trace_rows(row0):
         py = row0.astype(jnp.float32) + jnp.arange(rows, dtype=jnp.float32) + 0.5  # [R]
@@ -458,15 +459,14 @@ def _trace_points(rgba, planes, focus, strength, params, plan):
             c_sum = c_sum + jnp.einsum("n,nrwc->rwc", vc, colour)
             return (c_sum, a_sum + jnp.einsum("n,nrw->rw", vc, cover)), None
 
-        init = (jnp.zeros((rows, w, 3), jnp.float32), jnp.zeros((rows, w), jnp.float32))
+        init = (jnp.zeros((rows, out_w, 3), jnp.float32), jnp.zeros((rows, out_w), jnp.float32))
         (c_sum, a_sum), _ = jax.lax.scan(ray_step, init, (u_chunks, v_chunks))
         return c_sum, a_sum
 
-    starts = jnp.arange(n_row_chunks, dtype=jnp.int32) * rows
+    starts = top + jnp.arange(n_row_chunks, dtype=jnp.int32) * rows
     c_sum, a_sum = jax.lax.map(trace_rows, starts)
-    (out_h, out_w), top, left = plan.out_hw, params["top"], params["left"]
-    c_sum = jax.lax.dynamic_slice(c_sum.reshape(n_row_chunks * rows, w, 3), (top, left, 0), (out_h, out_w, 3))
-    a_sum = jax.lax.dynamic_slice(a_sum.reshape(n_row_chunks * rows, w), (top, left), (out_h, out_w))
+    c_sum = c_sum.reshape(n_row_chunks * rows, out_w, 3)[:out_h]
+    a_sum = a_sum.reshape(n_row_chunks * rows, out_w)[:out_h]
     rays = jnp.full((1, 1), plan.num_rays, jnp.int32)
     return c_sum, a_sum, rays
 

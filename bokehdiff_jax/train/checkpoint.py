@@ -94,7 +94,8 @@ class StateCodec:
                 size = int(np.prod(x.shape))
                 flat = np.asarray(encoded["packed"][k])[offsets[k] : offsets[k] + size]
                 offsets[k] += size
-                out.append(jax.device_put(flat.reshape(x.shape), x.sharding))
+                value = flat.reshape(x.shape)  # on every process: each builds the shards it holds
+                out.append(jax.make_array_from_callback(x.shape, x.sharding, lambda i, v=value: v[i]))
             else:
                 out.append(encoded["sharded"][n])
         return jax.tree_util.tree_unflatten(self.treedef, out)

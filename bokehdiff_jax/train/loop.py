@@ -27,7 +27,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from bokehdiff_jax.train import config as config_lib
-from bokehdiff_jax.train.build import Run, initial_values, make_run, param_counts
+from bokehdiff_jax.train.build import Run, initial_values, make_run, param_counts, place
 from bokehdiff_jax.train.checkpoint import Checkpoints
 from bokehdiff_jax.train.data import make_dataset, to_global
 from bokehdiff_jax.train.dry_run import compile_run, dry_run, flops, memory_report
@@ -110,6 +110,13 @@ def _host(metrics: Any) -> dict[str, float]:
     return {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
 
 
+def _local_rows(x: jax.Array) -> np.ndarray:
+    """This process's rows of a batch-sharded global array, in row order (no communication): the rows
+    of the host batch it read."""
+    shards = {s.index[0].indices(x.shape[0])[0]: s.data for s in x.addressable_shards}
+    return np.concatenate([np.asarray(shards[k]) for k in sorted(shards)])
+
+
 def _peak_memory_gib() -> float | None:
     """The largest device memory in use so far on this process's first device (None where the backend
     does not say: CPU)."""
@@ -168,7 +175,7 @@ def train(
     )
     iterator = iter(make_dataset(config, run.batch_shardings["aif"]))
     replicated = NamedSharding(run.mesh, P())
-    key = jax.device_put(run.run_key, replicated)
+    key = jax.random.wrap_key_data(place(jax.random.key_data(run.run_key), replicated))
     state, frozen = initial_values(run)
     latest = ckpts.latest_step()
     if latest is not None:
@@ -200,7 +207,7 @@ def train(
                 peak = _peak_memory_gib()
                 monitor.log(step, host if peak is None else {**host, "peak_memory_gib": peak})
             if images is not None:
-                monitor.images(step, images[0], np.asarray(images[1]))
+                monitor.images(step, images[0], _local_rows(images[1]))
             monitor.tick(step)
 
     step = start

@@ -273,9 +273,10 @@ def test_points_sampler_kept_for_comparison():
     assert np.array_equal(layered.aperture_samples(1), np.zeros((1, 2)))
     rgba, planes = scene()
     pts = LayeredConfig(sampling="points", num_rays=256, ray_chunk=64)
-    assert (
-        psnr(render_layers(rgba, planes, 0.2, 12.0, config=pts), render_layers(rgba, planes, 0.2, 12.0)) > 35
-    )
+    full = np.asarray(render_layers(rgba, planes, 0.2, 12.0, config=pts))
+    assert psnr(full, render_layers(rgba, planes, 0.2, 12.0)) > 35
+    window = render_layers(rgba, planes, 0.2, 12.0, config=pts, crop=(5, 9, 30, 20))
+    np.testing.assert_allclose(window, full[5:35, 9:29], atol=1e-6)
 
 
 def test_bad_arguments_raise():

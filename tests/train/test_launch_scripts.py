@@ -21,7 +21,7 @@ def test_script_parses(script):
 
 def test_gpu_check_train_overrides_resolve():
     text = (ROOT / "launch" / "gpu_check.sh").read_text()
-    overrides = re.findall(r'--config\.([a-z_.0-9]+)=("[^"]*"|\S+)', text)
+    overrides = re.findall(r'--config\.([a-z_.0-9]+)=("[^"]*"|[^\s)"]+)', text)
     assert overrides
     args = [f"--config.{k}={v.strip(chr(34))}" for k, v in overrides if "$" not in v]
     config_lib.resolve(str(ROOT / "configs" / "sdxl_gpu1.py"), args)  # raises on an unknown key or bad type
