@@ -30,7 +30,8 @@ def _module(name: str) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
     for name, help_ in BENCHMARKS.items():
-        p = sub.add_parser(name, help=help_, description=help_)
+        # argparse %-formats `help` but prints `description` as is: unescape "%%" there.
+        p = sub.add_parser(name, help=help_, description=help_.replace("%%", "%"))
         importlib.import_module(_module(name)).add_arguments(p)
 
 

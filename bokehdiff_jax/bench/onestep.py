@@ -400,6 +400,19 @@ def _aot(sizes: list[int]) -> None:
                 f"{vae_mem.temp_size_in_bytes / gib:.1f} GiB of temporaries (mid-block attention over "
                 f"{(size // 8) ** 2} tokens): it runs as the exact tiled VAE ({VAE_TILE} px tiles)"
             )
+            # A tile op of the tiled VAE is about the VAE on one tile (plus its halo and the per-tile
+            # statistics, small): the untiled VAE at the tile size bounds what one op holds.
+            tile_mem, _, _ = _costs(
+                jax.jit(lambda v, x, m=model: m.decode(v, m.encode(v, x))).lower(
+                    variables, jax.ShapeDtypeStruct((1, VAE_TILE, VAE_TILE, 3), jnp.float32)
+                )
+            )
+            step_gib = (mem.argument_size_in_bytes + mem.temp_size_in_bytes) / gib
+            print(
+                f"  the VAE on one {VAE_TILE} px tile (about one tiled-VAE op): temporaries "
+                f"{tile_mem.temp_size_in_bytes / gib:.2f} GiB; the render's peak is the U-Net step's "
+                f"{step_gib:.2f} GiB (arguments + temporaries) or the weights plus a tile op, the larger"
+            )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -10,7 +10,10 @@
 3. a measured CPU figure: ``tiny_cpu`` trained for a few steps on this machine (images/s after
    compilation, and the FLOP rate that implies from its own dry-run count).
 
-Prints a Markdown table for BENCHMARKS.md. CPU dry runs of full SDXL take minutes each (compilation).
+Prints a Markdown table for BENCHMARKS.md. CPU dry runs of full SDXL take minutes each (compilation),
+half an hour or more on a loaded 2-core machine. The memory is the CPU backend's buffer assignment, which
+upcasts bf16 compute to f32 (bf16 temporaries come out no smaller than fp32 ones); an accelerator's
+compile of the same step assigns less (BENCHMARKS.md, "Training").
 """
 
 from __future__ import annotations
@@ -129,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench_train_"))
     chips = list(PEAK_TFLOPS)
     print(
-        "| setup | memory / device (goal) | GFLOP / step / device | "
+        "| setup | XLA memory / device, CPU backend (goal) | GFLOP / step / device | "
         + " | ".join(f"img/s/chip at 40% MFU, {c}" for c in chips)
         + " | compile s |"
     )

@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--method",
         action="append",
         metavar="[LABEL=]SPEC",
-        help="identity | classical | model:PATH (repeatable; LABEL names it in the outputs)",
+        help="identity | classical | model:PATH[@STEP] (@0: untrained; repeatable; LABEL names it)",
     )
     io.add_argument("--out", required=True, metavar="DIR", help="output folder")
     io.add_argument(

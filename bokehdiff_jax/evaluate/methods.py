@@ -3,7 +3,9 @@
 
 - ``identity``: the input unchanged (the floor every method must beat);
 - ``classical``: the scatter renderer (``render.render_scatter``), the same optics as ``render``;
-- ``model:PATH``: the one-step diffusion model of a checkpoint, through ``bokehdiff_jax.pipeline``.
+- ``model:PATH``: the one-step diffusion model of a checkpoint, through ``bokehdiff_jax.pipeline``;
+  ``model:PATH@N``: a training workdir's checkpoint of step N, ``@0`` its untrained starting point (to
+  compare trained against untrained).
 
 :func:`make_renderer` is the one integration point: every evaluation, robustness run and report gets its
 renderers here. A method may carry a label, ``LABEL=SPEC`` (``trained=model:runs/tiny``), used as its
@@ -23,7 +25,8 @@ import numpy as np
 from bokehdiff_jax.errors import InputError
 
 Renderer = Callable[[np.ndarray, np.ndarray, float, float], np.ndarray]
-METHOD_KINDS = ("identity", "classical", "model:PATH")
+METHOD_KINDS = ("identity", "classical", "model:PATH[@STEP]")
+_STEP = re.compile(r"(.+)@(\d{1,9})")
 _LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
@@ -41,8 +44,8 @@ class Method:
 
 
 def parse_method(text: str) -> Method:
-    """``[LABEL=]identity | classical | model:PATH`` -> :class:`Method` (default label: the kind, or
-    ``model_<checkpoint folder name>``)."""
+    """``[LABEL=]identity | classical | model:PATH[@STEP]`` -> :class:`Method` (default label: the kind,
+    or ``model_<checkpoint folder name>``)."""
     label, sep, spec = text.partition("=")
     if not sep:
         label, spec = "", text
@@ -83,8 +86,15 @@ def identity_renderer() -> Renderer:
     return lambda image, disparity, focus, strength: np.asarray(image, np.float32)
 
 
+def model_path_step(arg: str) -> tuple[str, int | None]:
+    """``PATH@N`` -> ``(PATH, N)``; anything else -> ``(arg, None)`` (a path may hold an ``@``)."""
+    m = _STEP.fullmatch(arg)
+    return (m.group(1), int(m.group(2))) if m else (arg, None)
+
+
 def model_renderer(path: str) -> Renderer:
-    """The one-step model of the checkpoint at ``path``, from ``bokehdiff_jax.pipeline``.
+    """The one-step model of the checkpoint at ``path`` (``PATH@N``: a workdir's step N, ``@0`` the run's
+    initial weights), from ``bokehdiff_jax.pipeline``.
 
     Contract (the inference issue): ``OneStep.from_checkpoint(path)`` returns a jitted callable
     ``(image [B, H, W, 3] in [-1, 1], disparity [B, H, W], focus [B], strength [B]) -> image [B, H, W, 3]
@@ -95,7 +105,11 @@ def model_renderer(path: str) -> Renderer:
 
     from bokehdiff_jax.pipeline import OneStep
 
-    model = OneStep.from_checkpoint(path)
+    path, step = model_path_step(path)
+    if step == 0:
+        model = OneStep.from_checkpoint(path, initial=True)
+    else:
+        model = OneStep.from_checkpoint(path, step=step)
 
     def render(image: np.ndarray, disparity: np.ndarray, focus: float, strength: float) -> np.ndarray:
         x = jnp.asarray(image, jnp.float32)[None] * 2.0 - 1.0

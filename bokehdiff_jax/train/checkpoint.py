@@ -247,7 +247,9 @@ def restore_model_params(state_dir: str | os.PathLike) -> dict[str, Any]:
     read without the optimiser state where the format allows: from ``StateCodec``'s packed vectors and
     sharded leaves, following the checkpoint's ``layout`` (or, for a checkpoint without one, by a partial
     restore of the plain tree). ``state_dir``: the checkpoint's ``state`` folder."""
-    state_dir = Path(state_dir)
+    # Orbax finds a checkpoint's metadata only from an absolute path (a relative one reads as
+    # "no metadata"), and a user passes workdirs relative to where they are.
+    state_dir = Path(state_dir).absolute()
     layout_file = state_dir.parent / "layout" / "metadata"
     prefix = "params.model."
     if not layout_file.is_file():  # the first format: the TrainState tree itself

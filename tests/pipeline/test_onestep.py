@@ -150,3 +150,43 @@ def test_evaluate_model_method_renders_with_onestep(workdir, onestep):
     got = make_renderer(f"trained=model:{root}")(image01, disparity[0], 0.4, 5.0)
     want = onestep.render(image01, disparity[0], 0.4, 5.0)
     np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_evaluate_cli_model_method_from_a_relative_workdir(workdir, onestep, tmp_path, monkeypatch):
+    """``evaluate --method model:PATH`` end to end, PATH relative to where the user is (Orbax reads a
+    checkpoint's metadata only from an absolute path), and ``@0``: the run's untrained starting point."""
+    import json
+
+    from bokehdiff_jax.cli import main
+    from bokehdiff_jax.evaluate.sources import HeldoutSynthetic
+    from bokehdiff_jax.io.images import read_image, to_uint8
+    from bokehdiff_jax.train.build import base_variables
+
+    root, config, model, _ = workdir
+    monkeypatch.chdir(root.parent)
+    argv = ["evaluate", "--data", "heldout", "--count", "1", "--size", "16", "--metrics", "psnr,ssim",
+            "--method", f"model:{root.name}", "--method", f"untrained=model:{root.name}@0",
+            "--out", str(tmp_path / "out"), "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    s = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert list(s["methods"]) == [f"model_{root.name}", "untrained"] and s["count"] == 1
+    ex = HeldoutSynthetic(count=1, size=16)[0]
+    got = read_image(tmp_path / "out" / "pred" / f"model_{root.name}" / f"{ex.name}.png")
+    want = onestep.render(ex.image, ex.disparity, ex.focus, ex.strength)
+    assert np.abs(got - to_uint8(np.asarray(want)) / np.float32(255)).max() <= 1 / 255 + 1e-6
+    # @0: the run's initial weights (here the seeded random init the trained tree was perturbed from).
+    initial = OneStep(model, base_variables(config, model)).render(
+        ex.image, ex.disparity, ex.focus, ex.strength
+    )
+    untrained = read_image(tmp_path / "out" / "pred" / "untrained" / f"{ex.name}.png")
+    assert np.abs(untrained - to_uint8(np.asarray(initial)) / np.float32(255)).max() <= 1 / 255 + 1e-6
+    assert np.abs(untrained - got).mean() > 1e-3
+
+
+def test_model_method_step_suffix():
+    from bokehdiff_jax.evaluate.methods import model_path_step, parse_method
+
+    assert model_path_step("runs/a@b/tiny@12") == ("runs/a@b/tiny", 12)
+    assert model_path_step("runs/tiny@best") == ("runs/tiny@best", None)
+    assert model_path_step("runs/tiny") == ("runs/tiny", None)
+    assert parse_method("model:runs/tiny@0").label == "model_tiny_0"
