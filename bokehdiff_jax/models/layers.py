@@ -35,6 +35,13 @@ class ModelRoot:
     """Marker for the modules (U-Net, VAE) whose descendants are named after diffusers modules."""
 
 
+def maybe_remat(cls: type[nn.Module], remat: bool) -> type[nn.Module]:
+    """``nn.remat(cls)`` if ``remat`` else ``cls``: the module's activations are recomputed in the
+    backward pass instead of saved (its name, params and outputs are unchanged). SDXL training on one
+    device needs it for the U-Net's blocks and for the VAE, which runs at full image resolution."""
+    return nn.remat(cls) if remat else cls
+
+
 @functools.lru_cache(maxsize=4096)
 def _torch_path(names: tuple[str, ...]) -> str:
     return flax_module_to_torch(names)

@@ -26,13 +26,9 @@ from bokehdiff_jax.models.layers import (
     ResnetBlock2D,
     Upsample2D,
     diffusers_path,
+    maybe_remat,
 )
 from bokehdiff_jax.models.options import BlockOptions
-
-
-def _maybe_remat(cls: type[nn.Module], remat: bool) -> type[nn.Module]:
-    # Recompute the block's activations in the backward pass: SDXL training on one GPU needs it.
-    return nn.remat(cls) if remat else cls
 
 
 class Attention(nn.Module):
@@ -149,7 +145,7 @@ class Transformer2DModel(nn.Module):
             y = Dense(c, name="proj_in", **kw)(y.reshape(b, h * w, c))
         else:
             y = Conv(c, 1, name="proj_in", **kw)(y).reshape(b, h * w, c)
-        block = _maybe_remat(BasicTransformerBlock, o.remat)
+        block = maybe_remat(BasicTransformerBlock, o.remat)
         for i in range(self.num_layers):
             y = block(
                 self.heads,
@@ -182,7 +178,7 @@ class UNetBlockBase(nn.Module):
 
     def _resnet(self, i: int) -> nn.Module:
         o = self.options
-        return _maybe_remat(ResnetBlock2D, o.remat)(
+        return maybe_remat(ResnetBlock2D, o.remat)(
             self.out_channels, self.groups, self.eps, lora=o.lora, precision=o.precision, name=f"resnets_{i}"
         )
 

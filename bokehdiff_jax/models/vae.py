@@ -29,6 +29,7 @@ from bokehdiff_jax.models.layers import (
     ResnetBlock2D,
     Upsample2D,
     diffusers_path,
+    maybe_remat,
 )
 from bokehdiff_jax.models.options import Dtype, Precision
 
@@ -61,27 +62,32 @@ class VAEAttention(nn.Module):
 
 
 class VAEMidBlock(nn.Module):
-    """``UNetMidBlock2D`` without time input: resnet, (attention), resnet."""
+    """``UNetMidBlock2D`` without time input: resnet, (attention), resnet. ``remat``: recompute each
+    resnet's and the attention's activations in the backward pass."""
 
     channels: int
     groups: int
     _: dataclasses.KW_ONLY
     add_attention: bool
+    remat: bool = False
     precision: Precision = Precision()
 
     @nn.compact
     def __call__(self, x_bhwc: jax.Array) -> jax.Array:
         p = self.precision
-        resnet = lambda i: ResnetBlock2D(self.channels, self.groups, _EPS, precision=p, name=f"resnets_{i}")
+        resnet_cls = maybe_remat(ResnetBlock2D, self.remat)
+        resnet = lambda i: resnet_cls(self.channels, self.groups, _EPS, precision=p, name=f"resnets_{i}")
         x_bhwc = resnet(0)(x_bhwc)
         if self.add_attention:
-            x_bhwc = VAEAttention(self.groups, precision=p, name="attentions_0")(x_bhwc)
+            attention = maybe_remat(VAEAttention, self.remat)
+            x_bhwc = attention(self.groups, precision=p, name="attentions_0")(x_bhwc)
         return resnet(1)(x_bhwc)
 
 
 class VAEBlock(nn.Module):
     """``DownEncoderBlock2D`` (``up=False``) or ``UpDecoderBlock2D`` (``up=True``): resnets, then the
-    sampler (``downsamplers_0`` / ``upsamplers_0``) unless ``final``."""
+    sampler (``downsamplers_0`` / ``upsamplers_0``) unless ``final``. ``remat``: recompute the resnets'
+    and the upsampler's activations in the backward pass (the downsampler saves only its input anyway)."""
 
     channels: int
     groups: int
@@ -89,64 +95,70 @@ class VAEBlock(nn.Module):
     _: dataclasses.KW_ONLY
     up: bool
     final: bool
+    remat: bool = False
     precision: Precision = Precision()
 
     @nn.compact
     def __call__(self, x_bhwc: jax.Array) -> jax.Array:
         p = self.precision
+        resnet = maybe_remat(ResnetBlock2D, self.remat)
         for j in range(self.num_layers):
-            x_bhwc = ResnetBlock2D(self.channels, self.groups, _EPS, precision=p, name=f"resnets_{j}")(x_bhwc)
+            x_bhwc = resnet(self.channels, self.groups, _EPS, precision=p, name=f"resnets_{j}")(x_bhwc)
         if self.final:
             return x_bhwc
         if self.up:
-            return Upsample2D(self.channels, precision=p, name="upsamplers_0")(x_bhwc)
+            # The upsampled map (4x the input) is what its conv would save: recompute it instead.
+            upsample = maybe_remat(Upsample2D, self.remat)
+            return upsample(self.channels, precision=p, name="upsamplers_0")(x_bhwc)
         return Downsample2D(self.channels, pad_right_only=True, precision=p, name="downsamplers_0")(x_bhwc)
 
 
 class Encoder(nn.Module):
-    """Pixels ``[B, H, W, 3]`` in [-1, 1] -> moments ``[B, H/f, W/f, 2 * latent_channels]``."""
+    """Pixels ``[B, H, W, 3]`` in [-1, 1] -> moments ``[B, H/f, W/f, 2 * latent_channels]``.
+    ``remat``: as ``AutoencoderKL.remat``."""
 
     config: VAEConfig
     _: dataclasses.KW_ONLY
+    remat: bool = False
     precision: Precision = Precision()
 
     @nn.compact
     def __call__(self, x_bhwc: jax.Array) -> jax.Array:
         cfg, g, p = self.config, self.config.norm_num_groups, self.precision
+        kw = dict(remat=self.remat, precision=p)
         conv = lambda f, name: Conv(f, precision=p, name=name)
         x = conv(cfg.block_out_channels[0], "conv_in")(x_bhwc)
         n = len(cfg.block_out_channels)
         for i, ch in enumerate(cfg.block_out_channels):
-            x = VAEBlock(
-                ch, g, cfg.layers_per_block, up=False, final=i == n - 1, precision=p, name=f"down_blocks_{i}"
-            )(x)
+            final = i == n - 1
+            x = VAEBlock(ch, g, cfg.layers_per_block, up=False, final=final, name=f"down_blocks_{i}", **kw)(x)
         add_attn = cfg.mid_block_add_attention
-        x = VAEMidBlock(cfg.block_out_channels[-1], g, add_attention=add_attn, precision=p, name="mid_block")(
-            x
-        )
+        x = VAEMidBlock(cfg.block_out_channels[-1], g, add_attention=add_attn, name="mid_block", **kw)(x)
         x = nn.silu(GroupNorm(g, _EPS, precision=p, name="conv_norm_out")(x))
         return conv(2 * cfg.latent_channels, "conv_out")(x)
 
 
 class Decoder(nn.Module):
-    """Latents ``[B, h, w, latent_channels]`` -> pixels ``[B, h f, w f, 3]`` in about [-1, 1]."""
+    """Latents ``[B, h, w, latent_channels]`` -> pixels ``[B, h f, w f, 3]`` in about [-1, 1].
+    ``remat``: as ``AutoencoderKL.remat``."""
 
     config: VAEConfig
     _: dataclasses.KW_ONLY
+    remat: bool = False
     precision: Precision = Precision()
 
     @nn.compact
     def __call__(self, z_bhwc: jax.Array) -> jax.Array:
         cfg, g, p = self.config, self.config.norm_num_groups, self.precision
+        kw = dict(remat=self.remat, precision=p)
         conv = lambda f, name: Conv(f, precision=p, name=name)
         up = cfg.block_out_channels[::-1]
         x = conv(up[0], "conv_in")(z_bhwc)
-        x = VAEMidBlock(up[0], g, add_attention=cfg.mid_block_add_attention, precision=p, name="mid_block")(x)
+        x = VAEMidBlock(up[0], g, add_attention=cfg.mid_block_add_attention, name="mid_block", **kw)(x)
+        n = cfg.layers_per_block + 1
         for i, ch in enumerate(up):
             final = i == len(up) - 1
-            x = VAEBlock(
-                ch, g, cfg.layers_per_block + 1, up=True, final=final, precision=p, name=f"up_blocks_{i}"
-            )(x)
+            x = VAEBlock(ch, g, n, up=True, final=final, name=f"up_blocks_{i}", **kw)(x)
         x = nn.silu(GroupNorm(g, _EPS, precision=p, name="conv_norm_out")(x))
         return conv(cfg.out_channels, "conv_out")(x)
 
@@ -160,17 +172,23 @@ class AutoencoderKL(nn.Module, ModelRoot):
       dtype: compute dtype; None computes in the input's dtype. With ``config.force_upcast`` (SDXL:
         its activations overflow fp16) encode and decode compute in fp32 whatever ``dtype`` says.
       param_dtype: dtype of the params.
+      remat: recompute the ResNet blocks', attentions' and upsamplers' activations in the backward
+        pass instead of saving them (same params, values and gradients). The VAE runs at full image
+        resolution, in fp32 under ``force_upcast``: at 1024 px one 128-channel map is 512 MiB per
+        image, and a ResNet block saves about five, so training through it needs this. No effect
+        without a backward pass; ``vae_tiling`` ignores it.
     """
 
     config: VAEConfig
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    remat: bool = False
 
     def setup(self) -> None:
         cfg = self.config
         p = Precision(dtype=jnp.float32 if cfg.force_upcast else self.dtype, param_dtype=self.param_dtype)
-        self.encoder = Encoder(cfg, precision=p)
-        self.decoder = Decoder(cfg, precision=p)
+        self.encoder = Encoder(cfg, remat=self.remat, precision=p)
+        self.decoder = Decoder(cfg, remat=self.remat, precision=p)
         if cfg.use_quant_conv:
             self.quant_conv = Conv(2 * cfg.latent_channels, 1, precision=p)
         if cfg.use_post_quant_conv:

@@ -57,7 +57,7 @@ def inference_model(model: BokehDiff, pisa_impl: str | None = "auto") -> BokehDi
     routing = model.unet.routing
     pisa = routing.pisa if pisa_impl is None else dataclasses.replace(routing.pisa, impl=pisa_impl)
     unet = model.unet.clone(routing=AttentionRouting(routing.pisa_paths, pisa), remat=False)
-    return dataclasses.replace(model, unet=unet)
+    return dataclasses.replace(model, unet=unet, vae=model.vae.clone(remat=False))
 
 
 def latent_step(model: BokehDiff, variables: Variables, z, time_ids, disparity, focus, strength) -> jax.Array:

@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from orbax.checkpoint import multihost
 
 from bokehdiff_jax.train import config as config_lib
 from bokehdiff_jax.train.build import Run, initial_values, make_run, param_counts, place
@@ -74,6 +75,15 @@ def initialize_distributed() -> None:
     )
     if multi_host:
         jax.distributed.initialize()
+
+
+def _all_processes_ready(name: str, timeout_s: int = 3600) -> None:
+    """Waits (a coordination-service barrier, no collective) until every process gets here. Processes
+    compile and synthesize their first batch on their own, at different speeds, and the CPU backend's
+    gloo collectives wait only 30 s for a late peer when they set up a communicator, so the first
+    collective after those (orbax's sync, the step's all-reduce) would fail on a loaded host. A no-op
+    for one process. ``name``: unique per barrier."""
+    multihost.get_barrier_sync_fn()(key=name, timeout_ms=timeout_s * 1000)
 
 
 class _StopFlag:
@@ -167,6 +177,7 @@ def train(
             f"{flops(compiled) / 1e9:.2f} GFLOP per step per device"
         )
 
+    _all_processes_ready("bokehdiff_jax.train.compiled")  # before orbax's first collective sync
     ckpts = Checkpoints(
         workdir,
         keep=config.checkpoint.keep,
@@ -216,6 +227,8 @@ def train(
         with _StopFlag() as stop:
             while step < config.steps:
                 batch_np = next(iterator)
+                if step == start:  # every process has compiled and read its first batch
+                    _all_processes_ready(f"bokehdiff_jax.train.first_step.{start}")
                 batch = to_global(batch_np, run.batch_shardings)
                 state, metrics = compiled(state, frozen, batch, key)
                 step += 1

@@ -57,7 +57,9 @@ def _cmd(workdir: pathlib.Path, *overrides: str, config: str = MICRO) -> list[st
 
 def _train(workdir, env, *overrides, config=MICRO, **kw) -> subprocess.CompletedProcess:
     cmd = _cmd(workdir, config=config) + ["--no-progress", *overrides]
-    return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600, **kw)
+    return subprocess.run(
+        cmd, env=env, cwd=ROOT, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600, **kw
+    )
 
 
 def _rows(workdir: pathlib.Path) -> list[dict]:
@@ -77,6 +79,7 @@ def _run_until(workdir, env, step: int, sig: int) -> int:
         _cmd(workdir) + ["--no-progress"],
         env=env,
         cwd=ROOT,
+        stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -165,7 +168,13 @@ def test_two_processes_train_like_one_with_four_devices(tmp_path, cache_dir):
         cmd = _cmd(tmp_path / "two") + ["--no-progress", *args]
         procs.append(
             subprocess.Popen(
-                cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+                cmd,
+                env=env,
+                cwd=ROOT,
+                stdin=subprocess.DEVNULL,  # never an xdist worker's stdin (its channel to pytest)
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
             )
         )
     outs = [p.communicate(timeout=600) for p in procs]
