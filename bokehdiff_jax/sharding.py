@@ -176,3 +176,15 @@ def constrain(x: jax.Array, *names: str | None) -> jax.Array:
     if all(s is None for s in spec):
         return x
     return jax.lax.with_sharding_constraint(x, P(*spec))
+
+
+def place(tree: Any, shardings: Any) -> Any:
+    """Host values (NumPy or single-device arrays, equal on every process) -> global arrays with these
+    shardings; each process builds only the shards its devices hold (works across hosts, where
+    ``device_put`` of a local array onto devices of other processes does not)."""
+
+    def one(x, sharding):
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree_util.tree_map(one, tree, shardings)

@@ -20,6 +20,7 @@ and evaluate with ``bokehdiff-jax evaluate --data tfds:blb/level5 --tfds-dir ~/t
 
 from __future__ import annotations
 
+import abc
 import math
 import os
 from pathlib import Path
@@ -66,8 +67,9 @@ class _Benchmark(tfds.core.GeneratorBasedBuilder):
             supervised_keys=None,
         )
 
-    def _source(self, folder: Path):
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _source(self, folder: Path) -> EbbSource | BlbSource:
+        """The benchmark's reader over the manual folder (each builder names its own)."""
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         return {"test": self._generate_examples(Path(dl_manager.manual_dir))}

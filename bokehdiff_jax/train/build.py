@@ -22,7 +22,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
 from bokehdiff_jax import sharding
@@ -244,18 +243,6 @@ def make_run(
 
 
 # ---------------------------------------------------------------------------------------- values
-def place(tree: Any, shardings: Any) -> Any:
-    """Host values (NumPy or single-device arrays, equal on every process) -> global arrays with these
-    shardings; each process builds only the shards its devices hold (works across hosts, where
-    ``device_put`` of a local array onto devices of other processes does not)."""
-
-    def one(x, sharding):
-        host = np.asarray(x)
-        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
-
-    return jax.tree_util.tree_map(one, tree, shardings)
-
-
 def base_variables(config: ml_collections.ConfigDict, model: Any, base: str | None = None) -> dict:
     """The run's base variables ``{"unet": {"params"}, "vae": {"params"}, "cond"}`` (no LoRA): a random
     base drawn from ``key(config.seed)`` with ``random_prompt_embeds(seed)``, or ``config.base`` (or
@@ -280,8 +267,8 @@ def initial_values(run: Run) -> tuple[TrainState, dict]:
     train_sh = run.state_shardings.params["model"]
     variables = base_variables(config, model)
     trainable, model_frozen = _split(config, model.add_lora(variables, jax.random.fold_in(seed_key, 1)))
-    trainable = place(trainable, train_sh)
-    model_frozen = place(model_frozen, model_sh)
+    trainable = sharding.place(trainable, train_sh)
+    model_frozen = sharding.place(model_frozen, model_sh)
     params: dict = {"model": trainable}
     carry: dict = {}
     frozen: dict = {"model": model_frozen}
@@ -290,10 +277,10 @@ def initial_values(run: Run) -> tuple[TrainState, dict]:
         head, spectral = init_discriminator(
             jax.random.fold_in(seed_key, 2), backbone_channels(losses.adversarial), losses.adversarial
         )
-        params["discriminator"] = place(head, run.state_shardings.params["discriminator"])
-        carry["spectral"] = place(spectral, run.state_shardings.carry["spectral"])
+        params["discriminator"] = sharding.place(head, run.state_shardings.params["discriminator"])
+        carry["spectral"] = sharding.place(spectral, run.state_shardings.carry["spectral"])
     if "disc_backbone" in run.frozen:
-        frozen["disc_backbone"] = place(
+        frozen["disc_backbone"] = sharding.place(
             convnext_from_timm(config.losses.discriminator.weights, losses.adversarial.convnext),
             run.frozen_shardings["disc_backbone"],
         )
@@ -301,7 +288,7 @@ def initial_values(run: Run) -> tuple[TrainState, dict]:
         from bokehdiff_jax.losses import lpips_params
 
         path = config.losses.lpips_weights or None
-        frozen["lpips"] = place(lpips_params(path), run.frozen_shardings["lpips"])
+        frozen["lpips"] = sharding.place(lpips_params(path), run.frozen_shardings["lpips"])
     init = jax.jit(lambda p, c: init_state(p, run.tx, c), out_shardings=run.state_shardings)
     with jax.set_mesh(run.mesh):
         state = init(params, carry)

@@ -30,6 +30,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from bokehdiff_jax.errors import InputError
+from bokehdiff_jax.sharding import place
 
 ITEMS = ("state", "layout", "rng", "data", "config")
 CHECKPOINTS = "checkpoints"
@@ -94,8 +95,7 @@ class StateCodec:
                 size = int(np.prod(x.shape))
                 flat = np.asarray(encoded["packed"][k])[offsets[k] : offsets[k] + size]
                 offsets[k] += size
-                value = flat.reshape(x.shape)  # on every process: each builds the shards it holds
-                out.append(jax.make_array_from_callback(x.shape, x.sharding, lambda i, v=value: v[i]))
+                out.append(place(flat.reshape(x.shape), x.sharding))  # each process builds its shards
             else:
                 out.append(encoded["sharded"][n])
         return jax.tree_util.tree_unflatten(self.treedef, out)

@@ -27,8 +27,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from orbax.checkpoint import multihost
 
+from bokehdiff_jax.sharding import place
 from bokehdiff_jax.train import config as config_lib
-from bokehdiff_jax.train.build import Run, initial_values, make_run, param_counts, place
+from bokehdiff_jax.train.build import Run, initial_values, make_run, param_counts
 from bokehdiff_jax.train.checkpoint import Checkpoints
 from bokehdiff_jax.train.data import make_dataset, to_global
 from bokehdiff_jax.train.dry_run import compile_run, dry_run, flops, memory_report
