@@ -20,3 +20,11 @@ PY=${PYTHON:-python3}
 # legacy torch file without torch (a restricted unpickler: no code in the file runs), caches them
 # (~/.cache/bokehdiff_jax/dists/) with a pinned content SHA-256. Does nothing when the cache verifies.
 .venv/bin/python -m bokehdiff_jax.evaluate.dists_weights
+# libtpu, the TPU compiler (no TPU needed), for `train --dry-run --topology` (memory and FLOPs of the step
+# compiled for a TPU slice) in the tests and `bench train --target tpu`. The version jax[tpu] pins, in
+# .venv/libtpu beside the venv, not in it: there JAX would try a TPU backend in every process. Put it on
+# PYTHONPATH to use it (or pip install 'jax[tpu]' where that is wanted).
+if [ ! -d .venv/libtpu/libtpu ]; then
+  LIBTPU=$(.venv/bin/python -c "import importlib.metadata as m; print(next(r.split(';')[0].strip() for r in m.requires('jax') if r.startswith('libtpu')))")
+  .venv/bin/python -m pip install -q --no-deps --target .venv/libtpu "$LIBTPU"
+fi

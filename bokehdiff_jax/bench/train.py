@@ -11,9 +11,11 @@
    compilation, and the FLOP rate that implies from its own dry-run count).
 
 Prints a Markdown table for BENCHMARKS.md. CPU dry runs of full SDXL take minutes each (compilation),
-half an hour or more on a loaded 2-core machine. The memory is the CPU backend's buffer assignment, which
-upcasts bf16 compute to f32 (bf16 temporaries come out no smaller than fp32 ones); an accelerator's
-compile of the same step assigns less (BENCHMARKS.md, "Training").
+half an hour or more on a loaded 2-core machine. With ``--target cpu`` the memory is the CPU backend's
+buffer assignment, which upcasts bf16 compute to f32 (bf16 temporaries come out no smaller than fp32
+ones); ``--target tpu`` compiles the same steps with the TPU compiler for v5e slices (one chip for the
+single-GPU setup, ``v5e:2x4`` for the pod; ``train --dry-run --topology``, libtpu, no TPU): the memory a
+real 16 GiB v5e chip's program takes.
 """
 
 from __future__ import annotations
@@ -31,16 +33,22 @@ ROOT = Path(__file__).resolve().parents[2]
 GIB = 2**30
 PEAK_TFLOPS = {"TPU v5e (bf16)": 197.0, "H200 (dense bf16)": 989.0}
 MFU = 0.40
-# name -> (config spec, overrides, fake devices, memory goal GiB)
+# name -> (config spec, overrides, fake CPU devices, TPU slice for --target tpu, memory goal GiB)
 DRY_RUNS = {
-    "sdxl_gpu1 bf16+remat 512px b2": ("configs/sdxl_gpu1.py", [], 1, 16.0),
-    "sdxl_gpu1 fp32 512px b2": ("configs/sdxl_gpu1.py", ["--config.precision=fp32"], 1, 40.0),
-    "tpu_pod bf16+remat 1024px b16/8": ("configs/tpu_pod.py", [], 8, 16.0),
+    "sdxl_gpu1 bf16+remat 512px b2": ("configs/sdxl_gpu1.py", [], 1, "v5e:1x1", 16.0),
+    "sdxl_gpu1 fp32 512px b2": ("configs/sdxl_gpu1.py", ["--config.precision=fp32"], 1, "v5e:1x1", 40.0),
+    "tpu_pod bf16+remat 1024px b16/8": ("configs/tpu_pod.py", [], 8, "v5e:2x4", 16.0),
 }
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--only", nargs="*", default=None, help=f"dry runs to do, of: {', '.join(DRY_RUNS)}")
+    p.add_argument(
+        "--target",
+        choices=("cpu", "tpu"),
+        default="cpu",
+        help="compile the dry runs for fake CPU devices, or for TPU v5e slices without a TPU (needs libtpu)",
+    )
     p.add_argument("--tiny-steps", type=int, default=60, help="tiny_cpu steps for the CPU figure (0: skip)")
     p.add_argument(
         "--out", default=None, help="folder for the dry-run workdirs and reports (default: temporary)"
@@ -61,10 +69,13 @@ def _bdj(args: list[str], devices: int, **env_extra: str) -> subprocess.Complete
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
 
 
-def dry_run(name: str, out: Path) -> dict:
-    spec, overrides, devices, goal = DRY_RUNS[name]
-    work = out / name.replace(" ", "_").replace("/", "-").replace("+", "")
-    proc = _bdj(["--config", spec, "--workdir", str(work), "--dry-run", *overrides], devices)
+def dry_run(name: str, out: Path, target: str = "cpu") -> dict:
+    spec, overrides, devices, topology, goal = DRY_RUNS[name]
+    work = out / f"{target}_{name}".replace(" ", "_").replace("/", "-").replace("+", "")
+    args = ["--config", spec, "--workdir", str(work), "--dry-run", *overrides]
+    if target == "tpu":
+        args += ["--topology", topology]
+    proc = _bdj(args, devices)
     if proc.returncode != 0:
         raise RuntimeError(f"dry run {name} failed:\n{proc.stderr[-3000:]}")
     report = json.loads((work / "dry_run.json").read_text())
@@ -131,14 +142,15 @@ def run(args: argparse.Namespace) -> int:
     names = args.only or list(DRY_RUNS)
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench_train_"))
     chips = list(PEAK_TFLOPS)
+    backend = "CPU backend" if args.target == "cpu" else "TPU v5e compile"
     print(
-        "| setup | XLA memory / device, CPU backend (goal) | GFLOP / step / device | "
+        f"| setup | XLA memory / device, {backend} (goal) | GFLOP / step / device | "
         + " | ".join(f"img/s/chip at 40% MFU, {c}" for c in chips)
         + " | compile s |"
     )
     print("|---|---|---|" + "---|" * len(chips) + "---|")
     for name in names:
-        r = dry_run(name, out)
+        r = dry_run(name, out, args.target)
         ok = "ok" if r["memory_gib"] <= r["goal_gib"] else "OVER"
         implied = implied_images_per_s(r["flops_per_image"])
         print(

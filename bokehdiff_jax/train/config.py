@@ -137,7 +137,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.log2_times = (-2.0, 3.0)
     c.data.rays_max = 256
     c.data.workers = 2  # grain worker processes (0: in the training process)
-    c.data.prefetch = 2  # batches buffered per worker
+    c.data.threads = 1  # reader threads in the training process, or in each worker
+    c.data.prefetch = 2  # batches read ahead (per worker with workers > 0)
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.keep = 3  # the last N checkpoints ...
@@ -384,7 +385,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check(c.losses.edge_variant in ("paper", "released"), "config losses.edge_variant: paper or released")
     _check(c.checkpoint.keep >= 1, "config checkpoint.keep: expected >= 1")
     _check(c.checkpoint.keep_every >= 0, "config checkpoint.keep_every: expected >= 0 (0: none)")
-    _check(c.data.workers >= 0 and c.data.prefetch >= 1, "config data.workers >= 0 and data.prefetch >= 1")
+    _check(
+        c.data.workers >= 0 and c.data.threads >= 1 and c.data.prefetch >= 1,
+        "config data.workers >= 0, data.threads >= 1 and data.prefetch >= 1",
+    )
     if c.data.source == "synth":
         _check(
             c.data.synth_size >= c.resolution,

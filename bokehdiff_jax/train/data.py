@@ -119,7 +119,12 @@ def make_dataset(
     ds = grain.MapDataset.source(source).shuffle(seed=config.seed).repeat(None)
     ds = ds.random_map(RandomCrop(config.resolution), seed=config.seed)
     ds = ProcessRows(ds, config.batch_size, local, offset).map(_select).batch(local, drop_remainder=True)
-    it = ds.to_iter_dataset()
+    # Read ahead only ``prefetch`` batches (grain's default, 16 threads and 500 elements, would keep the
+    # host busy synthesizing far ahead, starving the step; on the CPU backend it delayed one process's
+    # collectives past gloo's 30 s set-up window).
+    it = ds.to_iter_dataset(
+        grain.ReadOptions(num_threads=config.data.threads, prefetch_buffer_size=config.data.prefetch)
+    )
     if config.data.workers > 0:
         from absl import flags
 

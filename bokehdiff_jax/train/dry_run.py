@@ -7,6 +7,10 @@ frozen weights, batch shard, key), ``output_bytes`` (new state, metrics), ``alia
 reuse donated arguments), ``temp_bytes`` (activations and workspace) and ``total_bytes = argument +
 output - alias + temp``, the peak the program needs. FLOPs are XLA's ``cost_analysis`` count for one
 device's program, per step.
+
+``--topology NAME`` compiles for a TPU slice this machine does not have (JAX's deviceless ahead-of-time
+compilation: the TPU compiler from ``libtpu``, no TPU): the memory and FLOPs a real chip's program
+would take, where the CPU backend's figures say little (it computes bf16 in f32 and may undo remat).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any
 
 import jax
 
+from bokehdiff_jax.errors import InputError
 from bokehdiff_jax.io.atomic import atomic_path
 from bokehdiff_jax.train.build import Run, param_counts
 from bokehdiff_jax.train.config import to_dict
@@ -30,6 +35,39 @@ GIB = 2**30
 # A dry run needs XLA's buffer assignment and cost analysis, not fast machine code: on CPU, skipping
 # LLVM's optimisations cuts compile time by ~40% and changes neither figure (same memory and FLOPs).
 ANALYSIS_ONLY = {"xla_backend_optimization_level": 0}
+
+
+def topology_devices(name: str) -> list[Any]:
+    """The devices of the TPU slice ``name`` (JAX's topology names: ``v5e:1x1`` one v5e chip, ``v5e:2x4``
+    eight, ``v5p:2x2x1``...), to compile for without one. Needs ``libtpu`` (``pip install 'jax[tpu]'``)."""
+    import importlib.util
+
+    if importlib.util.find_spec("libtpu") is None:
+        raise InputError(
+            f"--topology {name}: compiling for a TPU needs libtpu, which is not installed "
+            "(pip install 'jax[tpu]'; no TPU is needed)"
+        )
+    import os
+
+    from jax.experimental import topologies
+
+    # A compile-only process holds no chip: it need not take libtpu's one-process-per-host lock, nor ask
+    # a cloud metadata server what TPU this machine has.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    try:
+        return list(topologies.get_topology_desc(name, "tpu").devices)
+    except Exception as e:  # libtpu's own message: an unknown name, or a slice smaller than one host
+        first = e
+    try:  # a slice smaller than a host (v5e:1x1): say that one host holds all of it
+        dims = [int(d) for d in name.split(":")[1].split("x")]
+        bounds = (dims + [1, 1, 1])[:3]
+        return list(topologies.get_topology_desc(name, "tpu", chips_per_host_bounds=bounds).devices)
+    except Exception:
+        why = str(first).splitlines()[0]
+        raise InputError(
+            f"--topology {name}: not a TPU slice libtpu knows (e.g. v5e:1x1, v5e:2x4): {why}"
+        ) from None
 
 
 def compile_run(run: Run, compiler_options: dict[str, Any] | None = None) -> jax.stages.Compiled:
@@ -68,14 +106,15 @@ def flops(compiled: jax.stages.Compiled) -> float:
     return float(cost.get("flops", 0.0)) if cost else 0.0
 
 
-def dry_run(run: Run, workdir: str | Path | None = None) -> dict[str, Any]:
-    """Compiles ``run``'s step and returns the report (also written to ``workdir/dry_run.json``)."""
+def dry_run(run: Run, workdir: str | Path | None = None, topology: str | None = None) -> dict[str, Any]:
+    """Compiles ``run``'s step and returns the report (also written to ``workdir/dry_run.json``);
+    ``topology``: the TPU slice ``run``'s mesh was made for (recorded in the report)."""
     t0 = time.perf_counter()
-    analysis_only = jax.default_backend() == "cpu"
+    devices = run.mesh.devices.flatten().tolist()
+    analysis_only = devices[0].platform == "cpu"
     compiled = compile_run(run, ANALYSIS_ONLY if analysis_only else None)
     compile_s = time.perf_counter() - t0
     trainable, frozen = param_counts(run)
-    devices = run.mesh.devices.flatten().tolist()
     per_device_batch = run.config.batch_size // len(devices)
     mem = memory_report(compiled)
     report = {
@@ -89,8 +128,9 @@ def dry_run(run: Run, workdir: str | Path | None = None) -> dict[str, Any]:
             "count": len(devices),
             "platform": devices[0].platform,
             "kind": devices[0].device_kind,
-            "processes": jax.process_count(),
+            "processes": len({d.process_index for d in devices}),
         },
+        "topology": topology,
         "mesh": {k: int(v) for k, v in run.mesh.shape.items()},
         "batch_size": run.config.batch_size,
         "per_device_batch": per_device_batch,

@@ -9,7 +9,7 @@ Each step's metrics are fetched one step late (the device runs step ``n + 1`` wh
 ``n``), except at checkpoint steps, where every step up to the checkpoint is checked first: a non-finite
 loss or gradient raises ``Diverged`` naming the step, and no checkpoint is ever made from a state after
 it. SIGTERM finishes the current step, saves a checkpoint and returns (exit 0; pod preemption); with
-several processes they agree on the step to stop at.
+several processes JAX's preemption service picks one step for all of them.
 """
 
 from __future__ import annotations
@@ -23,16 +23,18 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from orbax.checkpoint import multihost
 
+from bokehdiff_jax import sharding
 from bokehdiff_jax.sharding import place
 from bokehdiff_jax.train import config as config_lib
 from bokehdiff_jax.train.build import Run, initial_values, make_run, param_counts
 from bokehdiff_jax.train.checkpoint import Checkpoints
 from bokehdiff_jax.train.data import make_dataset, to_global
-from bokehdiff_jax.train.dry_run import compile_run, dry_run, flops, memory_report
+from bokehdiff_jax.train.dry_run import compile_run, dry_run, flops, memory_report, topology_devices
 from bokehdiff_jax.train.logs import Monitor
 from bokehdiff_jax.train.step import abstract
 
@@ -88,7 +90,12 @@ def _all_processes_ready(name: str, timeout_s: int = 3600) -> None:
 
 
 class _StopFlag:
-    """Set by SIGTERM; restored to the previous handler on exit."""
+    """SIGTERM (preemption): ``should_stop(step)`` says whether to save and stop after ``step``.
+
+    One process: a Python SIGTERM handler, restored on exit. Several: JAX's preemption service (the
+    coordination service notices SIGTERM on any process and picks the same step for all, with no
+    device collective: a per-step collective of its own, beside the step's, deadlocked the CPU backend
+    now and then, and would make every step wait for the device)."""
 
     def __init__(self) -> None:
         self.set = False
@@ -98,23 +105,21 @@ class _StopFlag:
         def handler(signum, frame):
             self.set = True
 
-        try:
-            self._previous = signal.signal(signal.SIGTERM, handler)
-        except ValueError:  # not the main thread: no signal handling
-            self._previous = None
+        if jax.process_count() == 1:
+            try:
+                self._previous = signal.signal(signal.SIGTERM, handler)
+            except ValueError:  # not the main thread: no signal handling
+                self._previous = None
         return self
 
     def __exit__(self, *exc) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
 
-    def agreed(self) -> bool:
-        """Whether any process was asked to stop (a collective with several processes)."""
+    def should_stop(self, step: int) -> bool:
         if jax.process_count() == 1:
             return self.set
-        from jax.experimental import multihost_utils
-
-        return bool(np.any(multihost_utils.process_allgather(np.asarray(self.set))))
+        return multihost_utils.reached_preemption_sync_point(step)
 
 
 def _host(metrics: Any) -> dict[str, float]:
@@ -136,11 +141,17 @@ def _peak_memory_gib() -> float | None:
 
 
 def prepare(
-    config: ml_collections.ConfigDict, workdir: str | Path, *, for_dry_run: bool = False
+    config: ml_collections.ConfigDict,
+    workdir: str | Path,
+    *,
+    for_dry_run: bool = False,
+    devices: list[Any] | None = None,
 ) -> tuple[Run, list[str]]:
-    """The run and notes for the user; refuses a workdir that cannot take this config (writes nothing)."""
+    """The run and notes for the user; refuses a workdir that cannot take this config (writes nothing).
+    ``devices``: the mesh's (default: every process's)."""
     initialize_distributed()
-    run = make_run(config, for_dry_run=for_dry_run)
+    mesh = None if devices is None else sharding.make_mesh(config.mesh, devices)
+    run = make_run(config, mesh=mesh, for_dry_run=for_dry_run)
     ckpt_dir = Path(workdir) / "checkpoints"
     has_ckpt = ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir())
     notes = config_lib.check_workdir(Path(workdir), config, has_ckpt)
@@ -238,7 +249,7 @@ def train(
                     images = (batch_np, predict(state.params, frozen, batch))
                 pending.append((step, metrics, images))
                 check(upto_all=False)
-                stopped = stop.agreed()
+                stopped = stop.should_stop(step)
                 if step % config.checkpoint_every == 0 or step == config.steps or stopped:
                     check(upto_all=True)  # never checkpoint a state without checking every step before it
                     ckpts.save(step, state, key, iterator, config_json)
@@ -256,10 +267,14 @@ def train(
     return {"start_step": start, "step": step, "stopped": stopped, "compile_s": compile_s}
 
 
-def train_dry_run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
-    """``--dry-run``: the compiled step's report (``dry_run.json``); writes ``config.json`` when absent."""
+def train_dry_run(
+    config: ml_collections.ConfigDict, workdir: str | Path, topology: str | None = None
+) -> dict[str, Any]:
+    """``--dry-run``: the compiled step's report (``dry_run.json``); writes ``config.json`` when absent.
+    ``topology``: compile for that TPU slice (``dry_run.topology_devices``) instead of this machine."""
     workdir = Path(workdir)
-    run, _ = prepare(config, workdir, for_dry_run=True)
+    devices = None if topology is None else topology_devices(topology)
+    run, _ = prepare(config, workdir, for_dry_run=True, devices=devices)
     if jax.process_index() == 0 and not (workdir / config_lib.CONFIG_JSON).exists():
         config_lib.write_config(workdir, config)
-    return dry_run(run, workdir)
+    return dry_run(run, workdir, topology)

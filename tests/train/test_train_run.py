@@ -5,8 +5,8 @@ micro config (``tests/train/micro_config.py``: a two-level SDXL-shaped model, 16
   restart reproduce an uninterrupted run's per-step metrics bit for bit;
 - a diverging run stops with an error naming the step, a non-zero exit and no checkpoint after it;
 - two processes on localhost (2 fake CPU devices each, gloo collectives) train with the losses of one
-  process on 4 devices;
-- ``--dry-run`` writes its report.
+  process on 4 devices, and SIGTERM to one of them stops both after the same step, with a checkpoint;
+- ``--dry-run`` writes its report, also compiled for a TPU slice this machine does not have.
 
 Every process gets one fake device unless said otherwise, the same XLA flags, and a persistent
 compilation cache shared by the tests (the step compiles once per program, not once per restart);
@@ -146,15 +146,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_train_like_one_with_four_devices(tmp_path, cache_dir):
-    args = (
-        "--config.batch_size=4",
-        "--config.steps=3",
-        "--config.checkpoint_every=3",
-        "--config.image_every=0",
-    )
-    one = _train(tmp_path / "one", _env(cache_dir, devices=4), *args)
-    assert one.returncode == 0, one.stderr
+def _two_processes(workdir, cache_dir, *args) -> list[subprocess.Popen]:
+    """Starts ``train`` as two processes on localhost, two fake CPU devices each."""
     port = _free_port()
     procs = []
     for i in range(2):
@@ -165,19 +158,43 @@ def test_two_processes_train_like_one_with_four_devices(tmp_path, cache_dir):
             JAX_NUM_PROCESSES="2",
             JAX_PROCESS_ID=str(i),
         )
-        cmd = _cmd(tmp_path / "two") + ["--no-progress", *args]
         procs.append(
             subprocess.Popen(
-                cmd,
+                _cmd(workdir) + ["--no-progress", *args],
                 env=env,
                 cwd=ROOT,
-                stdin=subprocess.DEVNULL,  # never an xdist worker's stdin (its channel to pytest)
+                stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
             )
         )
-    outs = [p.communicate(timeout=600) for p in procs]
+    return procs
+
+
+def _finish(procs: list[subprocess.Popen], timeout: float = 600) -> list[tuple[str, str]]:
+    """Both processes' (stdout, stderr); on a timeout, kills both and fails showing their output."""
+    deadline = time.monotonic() + timeout
+    try:
+        return [p.communicate(timeout=max(1.0, deadline - time.monotonic())) for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        tails = [(out[-3000:], err[-3000:]) for out, err in (p.communicate() for p in procs)]
+        pytest.fail(f"two-process training did not finish in {timeout:.0f} s: {tails}")
+
+
+def test_two_processes_train_like_one_with_four_devices(tmp_path, cache_dir):
+    args = (
+        "--config.batch_size=4",
+        "--config.steps=3",
+        "--config.checkpoint_every=3",
+        "--config.image_every=0",
+    )
+    one = _train(tmp_path / "one", _env(cache_dir, devices=4), *args)
+    assert one.returncode == 0, one.stderr
+    procs = _two_processes(tmp_path / "two", cache_dir, *args)
+    outs = _finish(procs)
     assert [p.returncode for p in procs] == [0, 0], outs
     assert "over 2 process(es)" in outs[0][0] + outs[0][1]
     a, b = _rows(tmp_path / "one"), _rows(tmp_path / "two")
@@ -186,6 +203,37 @@ def test_two_processes_train_like_one_with_four_devices(tmp_path, cache_dir):
         for k in ("loss", "mse", "edge", "grad_norm"):
             np.testing.assert_allclose(rb[k], ra[k], rtol=1e-6, err_msg=k)
     assert _checkpoints(tmp_path / "two") == [3]
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path, cache_dir):
+    work = tmp_path / "two"
+    steps = 200
+    procs = _two_processes(
+        work,
+        cache_dir,
+        "--config.batch_size=4",
+        f"--config.steps={steps}",
+        "--config.image_every=0",
+        "--config.checkpoint_every=1000",
+    )
+    deadline = time.monotonic() + 600
+    try:
+        while time.monotonic() < deadline and all(p.poll() is None for p in procs):
+            rows = _rows(work)
+            if rows and rows[-1]["step"] >= 2:
+                procs[1].send_signal(signal.SIGTERM)  # not the process that writes the logs
+                break
+            time.sleep(0.05)
+        outs = _finish(procs, timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [0, 0], outs
+    saved = _checkpoints(work)
+    assert len(saved) == 1 and 2 < saved[0] < steps, saved  # one preemption checkpoint, mid-run
+    assert _rows(work)[-1]["step"] == saved[0]  # both stopped right after that step
+    assert f"saved the checkpoint at step {saved[0]}" in outs[0][0] + outs[0][1]
 
 
 def test_dry_run_report(tmp_path, cache_dir):
@@ -204,3 +252,40 @@ def test_dry_run_report(tmp_path, cache_dir):
         report["flops"] > 0 and report["devices"]["count"] == 1 and report["mesh"] == {"data": 1, "fsdp": 1}
     )
     assert not (tmp_path / "dry" / "checkpoints").exists()
+
+
+# libtpu (the TPU compiler, no TPU needed) lives beside the venv, not in it: installed there, JAX would
+# try a TPU backend in every process (launch/setup.sh puts it here for this test and `bench train`).
+LIBTPU_DIR = ROOT / ".venv" / "libtpu"
+
+
+def test_dry_run_for_a_tpu_slice_without_one(tmp_path, cache_dir):
+    if not (LIBTPU_DIR / "libtpu").is_dir():
+        pytest.fail(f"{LIBTPU_DIR} has no libtpu: run launch/setup.sh")
+    env = _env(cache_dir, PYTHONPATH=str(LIBTPU_DIR))
+    work = tmp_path / "tpu"
+    out = _train(work, env, "--dry-run", "--topology", "v5e:2x2", "--config.batch_size=4")
+    assert out.returncode == 0, out.stderr
+    report = json.loads((work / "dry_run.json").read_text())
+    assert report["devices"] == {"count": 4, "platform": "tpu", "kind": "TPU v5 lite", "processes": 1}
+    assert report["topology"] == "v5e:2x2" and report["mesh"] == {"data": 4, "fsdp": 1}
+    mem = report["memory"]
+    assert mem["total_bytes"] == (
+        mem["argument_bytes"] + mem["output_bytes"] - mem["alias_bytes"] + mem["temp_bytes"]
+    )
+    assert mem["argument_bytes"] > 4 * sum(report["trainable_params"].values()) and report["flops"] > 0
+
+
+def test_topology_errors(tmp_path):
+    import argparse
+
+    from bokehdiff_jax.errors import InputError
+    from bokehdiff_jax.train import cli
+    from bokehdiff_jax.train.dry_run import topology_devices
+
+    with pytest.raises(InputError, match="needs libtpu, which is not installed"):
+        topology_devices("v5e:2x2")  # this process has no libtpu on its path
+    args = argparse.Namespace(config=MICRO, workdir=str(tmp_path / "w"), dry_run=False, topology="v5e:2x2")
+    with pytest.raises(InputError, match="needs --dry-run"):
+        cli.run(args)
+    assert not (tmp_path / "w").exists()
