@@ -112,7 +112,13 @@ def dry_run(run: Run, workdir: str | Path | None = None, topology: str | None = 
     t0 = time.perf_counter()
     devices = run.mesh.devices.flatten().tolist()
     analysis_only = devices[0].platform == "cpu"
-    compiled = compile_run(run, ANALYSIS_ONLY if analysis_only else None)
+    try:
+        compiled = compile_run(run, ANALYSIS_ONLY if analysis_only else None)
+    except jax.errors.JaxRuntimeError as e:  # a TPU compile refuses a program over the chip's memory
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        why = " ".join(str(e).split("[type.googleapis")[0].split())
+        raise InputError(f"the step does not fit one {devices[0].device_kind}: {why}") from None
     compile_s = time.perf_counter() - t0
     trainable, frozen = param_counts(run)
     per_device_batch = run.config.batch_size // len(devices)

@@ -275,6 +275,20 @@ def test_dry_run_for_a_tpu_slice_without_one(tmp_path, cache_dir):
     )
     assert mem["argument_bytes"] > 4 * sum(report["trainable_params"].values()) and report["flops"] > 0
 
+    # A step over the chip's memory: one line naming the chip and XLA's figures, exit 2, no report.
+    big = _train(
+        tmp_path / "big",
+        env,
+        "--dry-run",
+        "--topology",
+        "v5e:1x1",
+        "--config.batch_size=131072",
+        "--config.data.length=131072",
+    )
+    line = big.stderr.strip().splitlines()[-1]
+    assert big.returncode == 2 and line.startswith("error: the step does not fit one TPU v5 lite: "), line
+    assert "exceeds available HBM" in line and not (tmp_path / "big" / "dry_run.json").exists()
+
 
 def test_topology_errors(tmp_path):
     import argparse
