@@ -76,6 +76,9 @@ def dry_run(name: str, out: Path, target: str = "cpu") -> dict:
     if target == "tpu":
         args += ["--topology", topology]
     proc = _bdj(args, devices)
+    last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""
+    if proc.returncode == 2 and "the step does not fit" in last:  # a TPU compile over the chip's HBM
+        return {"does_not_fit": last.removeprefix("error: "), "goal_gib": goal}
     if proc.returncode != 0:
         raise RuntimeError(f"dry run {name} failed:\n{proc.stderr[-3000:]}")
     report = json.loads((work / "dry_run.json").read_text())
@@ -151,6 +154,13 @@ def run(args: argparse.Namespace) -> int:
     print("|---|---|---|" + "---|" * len(chips) + "---|")
     for name in names:
         r = dry_run(name, out, args.target)
+        if "does_not_fit" in r:
+            print(
+                f"| {name} | {r['does_not_fit']} (<= {r['goal_gib']:.0f}: OVER) | - |"
+                + " - |" * len(chips)
+                + " - |"
+            )
+            continue
         ok = "ok" if r["memory_gib"] <= r["goal_gib"] else "OVER"
         implied = implied_images_per_s(r["flops_per_image"])
         print(
