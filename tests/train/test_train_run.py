@@ -259,7 +259,7 @@ def test_dry_run_report(tmp_path, cache_dir):
 LIBTPU_DIR = ROOT / ".venv" / "libtpu"
 
 
-def test_dry_run_for_a_tpu_slice_without_one(tmp_path, cache_dir):
+def test_dry_run_for_a_tpu_slice_without_one(tmp_path, cache_dir, monkeypatch):
     if not (LIBTPU_DIR / "libtpu").is_dir():
         pytest.fail(f"{LIBTPU_DIR} has no libtpu: run launch/setup.sh")
     env = _env(cache_dir, PYTHONPATH=str(LIBTPU_DIR))
@@ -275,19 +275,18 @@ def test_dry_run_for_a_tpu_slice_without_one(tmp_path, cache_dir):
     )
     assert mem["argument_bytes"] > 4 * sum(report["trainable_params"].values()) and report["flops"] > 0
 
-    # A step over the chip's memory: one line naming the chip and XLA's figures, exit 2, no report.
-    big = _train(
-        tmp_path / "big",
-        env,
-        "--dry-run",
-        "--topology",
-        "v5e:1x1",
-        "--config.batch_size=131072",
-        "--config.data.length=131072",
-    )
-    line = big.stderr.strip().splitlines()[-1]
-    assert big.returncode == 2 and line.startswith("error: the step does not fit one TPU v5 lite: "), line
-    assert "exceeds available HBM" in line and not (tmp_path / "big" / "dry_run.json").exists()
+    # A step over the chip's memory: one error line naming the chip and XLA's figures, exit 2, no report;
+    # `bench train --target tpu` turns it into a "does not fit" row.
+    from bokehdiff_jax.bench import train as bench_train
+
+    big = ("tests/train/micro_config.py", ["--config.batch_size=131072", "--config.data.length=131072"])
+    monkeypatch.setitem(bench_train.DRY_RUNS, "big", (*big, 1, "v5e:1x1", 16.0))
+    monkeypatch.setenv("PYTHONPATH", str(LIBTPU_DIR))
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    row = bench_train.dry_run("big", tmp_path / "bench", target="tpu")
+    assert row["does_not_fit"].startswith("the step does not fit one TPU v5 lite: "), row
+    assert "exceeds available HBM" in row["does_not_fit"]
+    assert not list((tmp_path / "bench").rglob("dry_run.json"))
 
 
 def test_topology_errors(tmp_path):
