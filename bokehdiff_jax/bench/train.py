@@ -29,6 +29,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bokehdiff_jax.train.dry_run import DOES_NOT_FIT
+
 ROOT = Path(__file__).resolve().parents[2]
 GIB = 2**30
 PEAK_TFLOPS = {"TPU v5e (bf16)": 197.0, "H200 (dense bf16)": 989.0}
@@ -77,7 +79,7 @@ def dry_run(name: str, out: Path, target: str = "cpu") -> dict:
         args += ["--topology", topology]
     proc = _bdj(args, devices)
     last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""
-    if proc.returncode == 2 and "the step does not fit" in last:  # a TPU compile over the chip's HBM
+    if proc.returncode == 2 and DOES_NOT_FIT in last:  # a TPU compile over the chip's HBM
         return {"does_not_fit": last.removeprefix("error: "), "goal_gib": goal}
     if proc.returncode != 0:
         raise RuntimeError(f"dry run {name} failed:\n{proc.stderr[-3000:]}")

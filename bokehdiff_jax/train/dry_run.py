@@ -15,12 +15,15 @@ would take, where the CPU backend's figures say little (it computes bf16 in f32 
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 import jax
+from jax.experimental import topologies
 
 from bokehdiff_jax.errors import InputError
 from bokehdiff_jax.io.atomic import atomic_path
@@ -35,22 +38,18 @@ GIB = 2**30
 # A dry run needs XLA's buffer assignment and cost analysis, not fast machine code: on CPU, skipping
 # LLVM's optimisations cuts compile time by ~40% and changes neither figure (same memory and FLOPs).
 ANALYSIS_ONLY = {"xla_backend_optimization_level": 0}
+# How a dry run's error starts when the step is over the target chip's memory (``bench train`` reads it).
+DOES_NOT_FIT = "the step does not fit one"
 
 
 def topology_devices(name: str) -> list[Any]:
     """The devices of the TPU slice ``name`` (JAX's topology names: ``v5e:1x1`` one v5e chip, ``v5e:2x4``
     eight, ``v5p:2x2x1``...), to compile for without one. Needs ``libtpu`` (``pip install 'jax[tpu]'``)."""
-    import importlib.util
-
     if importlib.util.find_spec("libtpu") is None:
         raise InputError(
             f"--topology {name}: compiling for a TPU needs libtpu, which is not installed "
             "(pip install 'jax[tpu]'; no TPU is needed)"
         )
-    import os
-
-    from jax.experimental import topologies
-
     # A compile-only process holds no chip: it need not take libtpu's one-process-per-host lock, nor ask
     # a cloud metadata server what TPU this machine has.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
@@ -118,7 +117,7 @@ def dry_run(run: Run, workdir: str | Path | None = None, topology: str | None = 
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
         why = " ".join(str(e).split("[type.googleapis")[0].split())
-        raise InputError(f"the step does not fit one {devices[0].device_kind}: {why}") from None
+        raise InputError(f"{DOES_NOT_FIT} {devices[0].device_kind}: {why}") from None
     compile_s = time.perf_counter() - t0
     trainable, frozen = param_counts(run)
     per_device_batch = run.config.batch_size // len(devices)

@@ -229,6 +229,11 @@ def test_meta_is_canonical_json(tiny_config, arrays):
     assert keys_sorted(meta) and json.dumps(meta) == json.dumps(again)
     assert {"n_rays", "rays_mean", "strength", "focus", "times", "pad"} <= set(meta)
     assert 1 <= meta["rays_mean"] <= meta["n_rays"] <= tiny_config.rays_max
+    # The cap binds: at half the rays this scene traced, no pixel gets more, and fewer are traced.
+    cap = meta["n_rays"] // 2
+    assert cap >= 1
+    _, capped = synthesize_with_meta(dataclasses.replace(tiny_config, rays_max=cap), *arrays, seed=0, index=2)
+    assert 1 <= capped["n_rays"] <= cap and capped["rays_mean"] < meta["rays_mean"]
 
 
 def _png(path, arr, mode=None):

@@ -275,6 +275,11 @@ def test_dry_run_for_a_tpu_slice_without_one(tmp_path, cache_dir, monkeypatch):
     )
     assert mem["argument_bytes"] > 4 * sum(report["trainable_params"].values()) and report["flops"] > 0
 
+    bad = _train(tmp_path / "bad", env, "--dry-run", "--topology", "v5e:banana")
+    line = bad.stderr.strip().splitlines()[-1]
+    assert bad.returncode == 2 and line.startswith("error: --topology v5e:banana: not a TPU slice"), line
+    assert not (tmp_path / "bad" / "dry_run.json").exists()
+
     # A step over the chip's memory: one error line naming the chip and XLA's figures, exit 2, no report;
     # `bench train --target tpu` turns it into a "does not fit" row.
     from bokehdiff_jax.bench import train as bench_train
