@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bokehdiff_jax.evaluate.dists_weights import DISTS_CHANNELS, load_dists_weights
+from bokehdiff_jax.losses.lpips import conv3x3
 from bokehdiff_jax.losses.lpips_weights import VGG16_BLOCKS, lpips_params
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -61,13 +62,6 @@ def l2_pool(x_bhwc: jax.Array) -> jax.Array:
     return jnp.sqrt(out + L2POOL_EPS)
 
 
-def _conv3x3(x_bhwc: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
-    y = jax.lax.conv_general_dilated(
-        x_bhwc, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
-    )
-    return y + bias
-
-
 def dists_features(vgg_params: Any, x_bhwc: jax.Array) -> list[jax.Array]:
     """The six DISTS stages of images in [0, 1]: the image, then VGG16 (L2-pooled) ``relu1_2`` ..
     ``relu5_3`` at strides 1, 2, 4, 8, 16 (3, 64, 128, 256, 512, 512 channels)."""
@@ -80,7 +74,7 @@ def dists_features(vgg_params: Any, x_bhwc: jax.Array) -> list[jax.Array]:
             h = l2_pool(h)
         for i in range(len(block)):
             p = vgg_params[f"conv{b + 1}_{i + 1}"]
-            h = jax.nn.relu(_conv3x3(h, p["kernel"], p["bias"]))
+            h = jax.nn.relu(conv3x3(h, p["kernel"], p["bias"]))
         feats.append(h)
     return feats
 

@@ -22,6 +22,7 @@ Images are NHWC in **[-1, 1]**; each backbone maps them to its own input convent
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -51,10 +52,17 @@ def backbone_features(backbone_params: Any, images_bhwc: jax.Array, config: Adve
 
     ``backbone_params``: for ``"vgg16"`` the LPIPS params (``lpips_params()``; its ``"vgg"`` subtree is
     used); for ``"convnext"`` the output of ``convnext_from_timm``. The params get no gradient.
+    ``config.remat``: the backward pass keeps only the images and recomputes the activations (VGG16
+    block by block).
     """
+    features = functools.partial(_backbone_features, config=config)
     frozen = jax.lax.stop_gradient(backbone_params)
+    return (jax.checkpoint(features) if config.remat else features)(frozen, images_bhwc)
+
+
+def _backbone_features(frozen: Any, images_bhwc: jax.Array, config: AdversarialConfig) -> jax.Array:
     if config.backbone == "vgg16":
-        taps = vgg16_taps(frozen["vgg"], images_bhwc)
+        taps = vgg16_taps(frozen["vgg"], images_bhwc, remat=config.remat)
         return taps[LPIPS_TAPS.index(config.vgg_tap)]
     if config.convnext_input == "imagenet":
         x = imagenet_normalize(images_bhwc)

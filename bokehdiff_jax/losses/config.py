@@ -27,6 +27,8 @@ class AdversarialConfig:
       1000; it uses ``step > gan_step``).
     - ``disc_lr_factor``: the discriminator's learning rate over the generator's (2 in the released code).
     - ``sn_iterations``: power iterations per discriminator step; ``sn_init_iterations`` at init.
+    - ``remat``: the generator term's backward pass keeps only the images and recomputes the backbone's
+      activations (``backbone_features``): same values and gradients, less memory.
     """
 
     backbone: Literal["vgg16", "convnext"] = "vgg16"
@@ -41,6 +43,7 @@ class AdversarialConfig:
     disc_lr_factor: float = 2.0
     sn_iterations: int = 1
     sn_init_iterations: int = 15
+    remat: bool = False
 
     def __post_init__(self) -> None:
         if self.backbone not in ("vgg16", "convnext"):
@@ -63,7 +66,8 @@ class LossConfig:
     ``--lambda_lpips 0.1``, ``--lambda_gan 0.1``, edge weight 1 with its own variant
     (``LossConfig.released_script()``). ``clamp_prediction``: the released code takes the MSE of the raw
     prediction and every other term of the prediction clipped to [-1, 1] (kept as the default).
-    A zero weight skips its term entirely (no computation, no weights needed).
+    A zero weight skips its term entirely (no computation, no weights needed). ``remat``: the LPIPS
+    term's backward pass recomputes its VGG activations (``lpips_distance``) instead of keeping them.
     """
 
     mse_weight: float = 1.0
@@ -73,6 +77,7 @@ class LossConfig:
     edge_variant: str = "paper"
     edge_scales: int = 3
     clamp_prediction: bool = True
+    remat: bool = False
     adversarial: AdversarialConfig = AdversarialConfig()
 
     def __post_init__(self) -> None:

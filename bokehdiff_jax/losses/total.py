@@ -64,7 +64,7 @@ def total_loss(
         )
         total = total + config.edge_weight * terms["edge"]
     if config.lpips_weight > 0:
-        terms["lpips"] = lpips_loss(lpips_params, clipped, target_bhwc)
+        terms["lpips"] = lpips_loss(lpips_params, clipped, target_bhwc, remat=config.remat)
         total = total + config.lpips_weight * terms["lpips"]
     if config.adv_weight > 0:
         d = discriminator

@@ -137,7 +137,7 @@ class BokehDiff:
 
     Attributes:
       unet: the U-Net (its ``routing`` places PISA, its ``lora`` the LoRA adapters).
-      vae: the VAE (computes in fp32 where its config says ``force_upcast``).
+      vae: the VAE (fp16 computes in fp32 where its config says ``force_upcast``; ``vae_dtype``).
       schedule: timestep ``T`` and ``abar_T``.
       pad_mode: how images are padded to the VAE's multiple (``"reflect"`` or ``"edge"``).
     """
@@ -185,7 +185,8 @@ class BokehDiff:
           lora: LoRA on the U-Net (``partition.PartitionConfig.unet_lora``), or None.
           remat: recompute the U-Net's blocks and the VAE's (``AutoencoderKL.remat``) in the backward
             pass; same values and gradients, far less activation memory.
-          dtype: compute dtype of the U-Net and (unless ``force_upcast``) the VAE; None: fp32 inputs.
+          dtype: compute dtype of the U-Net and the VAE (fp16: the VAE in fp32 under ``force_upcast``);
+            None: fp32 inputs.
           param_dtype: dtype of randomly initialised base params (loaded ones keep theirs).
           scheduler_config: diffusers scheduler config (dict or path); None: SDXL's.
           timestep: the one-step timestep ``T``.

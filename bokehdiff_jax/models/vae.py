@@ -3,7 +3,7 @@
 Pixels in and out are in ``[-1, 1]`` (diffusers' convention; the pipeline maps the package's [0, 1]
 images). ``encode`` returns the latent distribution's mean and log-variance *before* scaling;
 BokehDiff uses ``z = mean * scaling_factor`` (SPEC section 3). SDXL's VAE overflows in fp16
-(``force_upcast``): keep ``dtype`` fp32 or bf16.
+(``force_upcast``): an fp16 VAE computes in fp32, as diffusers does; bf16 has fp32's range and stays bf16.
 
 For images too large for one pass, ``vae_tiling.encode_tiled`` / ``decode_tiled`` compute the same
 encode / decode layer by layer over spatial tiles (global GroupNorm statistics, whole-map mid-block
@@ -159,8 +159,20 @@ class Decoder(nn.Module):
         for i, ch in enumerate(up):
             final = i == len(up) - 1
             x = VAEBlock(ch, g, n, up=True, final=final, name=f"up_blocks_{i}", **kw)(x)
-        x = nn.silu(GroupNorm(g, _EPS, precision=p, name="conv_norm_out")(x))
-        return conv(cfg.out_channels, "conv_out")(x)
+
+        def head(mdl: nn.Module, x: jax.Array) -> jax.Array:  # full resolution: recomputed under remat
+            x = nn.silu(GroupNorm(g, _EPS, precision=p, name="conv_norm_out", parent=mdl)(x))
+            return Conv(cfg.out_channels, precision=p, name="conv_out", parent=mdl)(x)
+
+        return (nn.checkpoint(head) if self.remat else head)(self, x)
+
+
+def vae_dtype(config: VAEConfig, dtype: Dtype | None) -> Dtype | None:
+    """The VAE's compute dtype for a requested ``dtype`` (None: the input's): fp32 for fp16 under
+    ``config.force_upcast`` (diffusers' rule: SDXL's VAE overflows fp16), else ``dtype``."""
+    if config.force_upcast and dtype is not None and jnp.dtype(dtype) == jnp.float16:
+        return jnp.float32
+    return dtype
 
 
 class AutoencoderKL(nn.Module, ModelRoot):
@@ -169,13 +181,14 @@ class AutoencoderKL(nn.Module, ModelRoot):
 
     Attributes:
       config: the architecture.
-      dtype: compute dtype; None computes in the input's dtype. With ``config.force_upcast`` (SDXL:
-        its activations overflow fp16) encode and decode compute in fp32 whatever ``dtype`` says.
+      dtype: compute dtype; None computes in the input's dtype. fp16 with ``config.force_upcast`` (SDXL:
+        its activations overflow fp16) computes in fp32 instead, as diffusers does (``vae_dtype``); bf16
+        has fp32's exponent range and is kept (half the activation memory of fp32).
       param_dtype: dtype of the params.
       remat: recompute the ResNet blocks', attentions' and upsamplers' activations in the backward
-        pass instead of saving them (same params, values and gradients). The VAE runs at full image
-        resolution, in fp32 under ``force_upcast``: at 1024 px one 128-channel map is 512 MiB per
-        image, and a ResNet block saves about five, so training through it needs this. No effect
+        pass instead of saving them (same params, values and gradients), and the decoder's output
+        normalisation. The VAE runs at full image resolution: at 1024 px one 128-channel map is 256 MiB
+        per image in bf16, and a ResNet block saves about five, so training through it needs this. No effect
         without a backward pass; ``vae_tiling`` ignores it.
     """
 
@@ -186,7 +199,7 @@ class AutoencoderKL(nn.Module, ModelRoot):
 
     def setup(self) -> None:
         cfg = self.config
-        p = Precision(dtype=jnp.float32 if cfg.force_upcast else self.dtype, param_dtype=self.param_dtype)
+        p = Precision(dtype=vae_dtype(cfg, self.dtype), param_dtype=self.param_dtype)
         self.encoder = Encoder(cfg, remat=self.remat, precision=p)
         self.decoder = Decoder(cfg, remat=self.remat, precision=p)
         if cfg.use_quant_conv:

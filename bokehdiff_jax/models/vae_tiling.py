@@ -44,7 +44,7 @@ from bokehdiff_jax.errors import InputError
 from bokehdiff_jax.models.attention import attend
 from bokehdiff_jax.models.layers import Conv, Dense
 from bokehdiff_jax.models.options import Precision
-from bokehdiff_jax.models.vae import _EPS, _NO_PISA, AutoencoderKL
+from bokehdiff_jax.models.vae import _EPS, _NO_PISA, AutoencoderKL, vae_dtype
 
 Params = Mapping[str, Any]
 # Per-(batch, group) statistics of a whole map, float64: (mean [B, G], variance [B, G]).
@@ -346,8 +346,8 @@ def _check(x: Any, tile: Any, channels: int, what: str, multiple: int) -> None:
 
 
 def _compute_dtype(vae: AutoencoderKL, x: Any) -> Any:
-    # As AutoencoderKL.setup: force_upcast computes in fp32; otherwise dtype, or the input's if None.
-    return jnp.float32 if vae.config.force_upcast else (vae.dtype or jnp.asarray(x).dtype)
+    # As AutoencoderKL.setup: its dtype (fp16 under force_upcast: fp32), or the input's if None.
+    return vae_dtype(vae.config, vae.dtype) or jnp.asarray(x).dtype
 
 
 def encode_tiled(

@@ -80,7 +80,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.unet = "sdxl"
     c.model.vae = "sdxl"
-    c.model.remat = True  # recompute U-Net and VAE blocks in the backward pass
+    c.model.remat = True  # recompute U-Net, VAE and loss-network (VGG) blocks in the backward pass
     c.model.timestep = 499  # the one-step model's fixed T
 
     # PISA: where (fnmatch patterns over diffusers attention paths; () = nowhere) and how (every

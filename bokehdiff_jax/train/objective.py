@@ -64,6 +64,7 @@ def loss_config(config: ml_collections.ConfigDict) -> LossConfig:
         hidden=lc.discriminator.hidden,
         start_step=lc.adversarial_start,
         disc_lr_factor=float(config.optimizer.lr_scale.discriminator),
+        remat=config.model.remat,
     )
     return LossConfig(
         mse_weight=lc.mse,
@@ -71,6 +72,7 @@ def loss_config(config: ml_collections.ConfigDict) -> LossConfig:
         edge_weight=lc.edge,
         adv_weight=lc.adversarial,
         edge_variant=lc.edge_variant,
+        remat=config.model.remat,
         adversarial=adv,
     )
 

@@ -39,14 +39,19 @@ def test_encode_decode_parity(name):
     assert_close(out, want)
 
 
-def test_force_upcast_computes_in_fp32():
+def test_force_upcast_computes_fp16_in_fp32_and_keeps_bf16():
+    """diffusers' rule: ``force_upcast`` (SDXL's VAE overflows fp16) runs an fp16 VAE in fp32; bf16 has
+    fp32's range and stays bf16 (half the activation memory in training)."""
     cfg, _, _, params = _setup("sdxl")
     x = np.random.default_rng(1).uniform(-1, 1, (1, 16, 16, 3)).astype(np.float32)
     ref = AutoencoderKL(cfg).apply({"params": params}, x, method="encode")[0]
-    upcast = AutoencoderKL(cfg, dtype=jnp.bfloat16).apply({"params": params}, x, method="encode")[0]
+    upcast = AutoencoderKL(cfg, dtype=jnp.float16).apply({"params": params}, x, method="encode")[0]
     assert upcast.dtype == jnp.float32
     np.testing.assert_array_equal(upcast, ref)
-    no_upcast = VAEConfig.from_diffusers({**tiny_configs.VAES["sdxl"], "force_upcast": False})
-    low = AutoencoderKL(no_upcast, dtype=jnp.bfloat16).apply({"params": params}, x, method="encode")[0]
+    low = AutoencoderKL(cfg, dtype=jnp.bfloat16).apply({"params": params}, x, method="encode")[0]
     assert low.dtype == jnp.bfloat16
+    no_upcast = VAEConfig.from_diffusers({**tiny_configs.VAES["sdxl"], "force_upcast": False})
+    half = AutoencoderKL(no_upcast, dtype=jnp.float16).apply({"params": params}, x, method="encode")[0]
+    assert half.dtype == jnp.float16
+    assert_close(half, np.asarray(ref), rel=0.05)
     assert_close(low, np.asarray(ref), rel=0.05)

@@ -75,8 +75,11 @@ def test_remat_same_params_values_and_gradients():
     assert float(jnp.abs(gz_off).max()) > 0
     for part in ("encoder", "decoder"):
         leaves_on, leaves_off = jax.tree.leaves(gp_on[part]), jax.tree.leaves(gp_off[part])
+        # against the part's largest gradient: some leaves' exact gradient is 0 (a conv bias right before
+        # a GroupNorm), where both runs hold rounding noise of order 1e-9
+        scale = max(float(jnp.abs(w).max()) for w in leaves_off)
         for g, w in zip(leaves_on, leaves_off, strict=True):
-            assert_close(g, np.asarray(w), rel=REL)
+            assert float(jnp.abs(g - w).max()) <= REL * scale
 
 
 def test_remat_saves_fewer_residuals():

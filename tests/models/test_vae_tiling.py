@@ -64,10 +64,10 @@ def test_tile_larger_than_image_and_no_attention():
     assert_close(decode_tiled(module, variables, z, tile=64), want, rel=REL)
 
 
-def test_force_upcast_computes_in_fp32():
+def test_force_upcast_computes_fp16_in_fp32():
     _, _, variables = _vae("sd15")
     cfg = VAEConfig.from_diffusers({**tiny_configs.VAES["sd15"], "force_upcast": True})
-    module = AutoencoderKL(cfg, dtype=jnp.bfloat16)
+    module = AutoencoderKL(cfg, dtype=jnp.float16)
     z = np.random.default_rng(2).standard_normal((1, 6, 5, cfg.latent_channels)).astype(np.float32)
     want = module.apply(variables, z, method="decode")
     got = decode_tiled(module, variables, z, tile=4)
