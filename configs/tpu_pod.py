@@ -1,6 +1,8 @@
 """The paper's model on a TPU pod slice (or any multi-host cluster): the ``sdxl_gpu1`` setup on a
 ``(data, fsdp)`` mesh over every device of every host, at 1024 x 1024 with a global batch of 16 (2 per
-chip on 8 chips; scale ``batch_size`` with the data axis).
+chip on 8 chips, as two accumulated micro-batches of one image each, so that the step fits a 16 GiB
+TPU v5e chip; scale ``batch_size`` with the data axis; chips with more memory can take
+``--config.optimizer.grad_accum=1``).
 
 Frozen U-Net/VAE weights are FSDP-sharded over the ``fsdp`` axis (the largest axis each divides;
 ``bokehdiff_jax.sharding.PARAM_RULES``), LoRA factors replicated, the batch split over both axes; PISA runs
@@ -31,6 +33,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = load_config(str(Path(__file__).with_name("sdxl_gpu1.py")))  # the base setup; hardware below
     c.resolution = 1024
     c.batch_size = 16  # global: 2 per chip on 8 chips
+    c.optimizer.grad_accum = 2  # one image per chip per micro-batch: fits a v5e's 16 GiB
     c.data.synth_size = 1024
     c.data.workers = 8
     c.checkpoint_every = 500  # preemptible slices: lose little

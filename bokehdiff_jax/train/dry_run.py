@@ -6,7 +6,9 @@ Memory is what XLA's buffer assignment reserves for one device's program: ``argu
 frozen weights, batch shard, key), ``output_bytes`` (new state, metrics), ``alias_bytes`` (outputs that
 reuse donated arguments), ``temp_bytes`` (activations and workspace) and ``total_bytes = argument +
 output - alias + temp``, the peak the program needs. FLOPs are XLA's ``cost_analysis`` count for one
-device's program, per step.
+device's program, per step; XLA counts a loop's body once, so with ``optimizer.grad_accum = k`` the step
+is counted as k times the program's count (``flops_xla``; the optimiser update, a few FLOPs per
+trained parameter, is then counted k times too).
 
 ``--topology NAME`` compiles for a TPU slice this machine does not have (JAX's deviceless ahead-of-time
 compilation: the TPU compiler from ``libtpu``, no TPU): the memory and FLOPs a real chip's program
@@ -121,14 +123,17 @@ def dry_run(run: Run, workdir: str | Path | None = None, topology: str | None = 
     compile_s = time.perf_counter() - t0
     trainable, frozen = param_counts(run)
     per_device_batch = run.config.batch_size // len(devices)
+    accum = run.config.optimizer.grad_accum
+    flops_xla = flops(compiled)  # the accumulation loop's body counted once
     mem = memory_report(compiled)
     report = {
         "trainable_params": trainable,
         "frozen_params": frozen,
         "memory": mem,
         "memory_gib": round(mem["total_bytes"] / GIB, 3),
-        "flops": flops(compiled),
-        "flops_per_image": flops(compiled) / max(per_device_batch, 1),
+        "flops": flops_xla * accum,
+        "flops_xla": flops_xla,
+        "flops_per_image": flops_xla * accum / max(per_device_batch, 1),
         "devices": {
             "count": len(devices),
             "platform": devices[0].platform,
@@ -139,6 +144,7 @@ def dry_run(run: Run, workdir: str | Path | None = None, topology: str | None = 
         "mesh": {k: int(v) for k, v in run.mesh.shape.items()},
         "batch_size": run.config.batch_size,
         "per_device_batch": per_device_batch,
+        "grad_accum": accum,
         "resolution": run.config.resolution,
         "precision": run.config.precision,
         "remat": run.config.model.remat,

@@ -251,7 +251,16 @@ def test_dry_run_report(tmp_path, cache_dir):
     assert (
         report["flops"] > 0 and report["devices"]["count"] == 1 and report["mesh"] == {"data": 1, "fsdp": 1}
     )
+    assert report["grad_accum"] == 1 and report["flops_xla"] == report["flops"]
     assert not (tmp_path / "dry" / "checkpoints").exists()
+
+    # Two micro-batches of one image: XLA counts the accumulation loop's body once; the report counts
+    # the step (the same work as one batch of two, up to the optimiser update counted twice).
+    out = _train(tmp_path / "acc", _env(cache_dir), "--dry-run", "--config.optimizer.grad_accum=2")
+    assert out.returncode == 0, out.stderr
+    acc = json.loads((tmp_path / "acc" / "dry_run.json").read_text())
+    assert acc["grad_accum"] == 2 and acc["flops_xla"] < 0.6 * report["flops"]
+    assert acc["flops"] == 2 * acc["flops_xla"] and abs(acc["flops"] / report["flops"] - 1) < 0.1
 
 
 # libtpu (the TPU compiler, no TPU needed) lives beside the venv, not in it: installed there, JAX would
