@@ -117,7 +117,10 @@ def test_load_lora_weights_changes_the_unet_and_equals_the_merged_one(base, expo
     save_file(load_file(out / "pytorch_lora_weights.safetensors"), bare / "pytorch_lora_weights.safetensors")
     q = pipe()
     q.load_lora_weights(bare)
-    torch.testing.assert_close(_unet_out(q.unet), after, rtol=1e-5, atol=1e-6)
+    # Equal up to float rounding (diffusers 0.42 / peft 0.22 differ from the metadata load by ~1e-6 of
+    # the output's range); a wrong scale would differ by the order of the LoRA's effect (> 1e-2, above).
+    bare_out = _unet_out(q.unet)
+    assert (bare_out - after).abs().max() <= 1e-5 * after.abs().max(), float((bare_out - after).abs().max())
 
 
 @pytest.mark.parametrize("alpha", [4.0, 8.0])
