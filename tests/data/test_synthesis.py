@@ -218,7 +218,7 @@ def test_disparity_label_modes(tiny_config, arrays):
 
 
 def test_meta_is_canonical_json(tiny_config, arrays):
-    _, meta = synthesize_with_meta(tiny_config, *arrays, seed=0, index=2)
+    sample, meta = synthesize_with_meta(tiny_config, *arrays, seed=0, index=2)
     _, again = synthesize_with_meta(tiny_config, *arrays, seed=0, index=2)
 
     def keys_sorted(tree):
@@ -232,8 +232,16 @@ def test_meta_is_canonical_json(tiny_config, arrays):
     # The cap binds: at half the rays this scene traced, no pixel gets more, and fewer are traced.
     cap = meta["n_rays"] // 2
     assert cap >= 1
-    _, capped = synthesize_with_meta(dataclasses.replace(tiny_config, rays_max=cap), *arrays, seed=0, index=2)
+    low, capped = synthesize_with_meta(dataclasses.replace(tiny_config, rays_max=cap), *arrays, seed=0, index=2)
     assert 1 <= capped["n_rays"] <= cap and capped["rays_mean"] < meta["rays_mean"]
+    # What the metadata reports is what the renderer did: a cap at the rays traced changes nothing, a
+    # cap below changes the rendered target (the input is the same scene either way).
+    exact, _ = synthesize_with_meta(
+        dataclasses.replace(tiny_config, rays_max=meta["n_rays"]), *arrays, seed=0, index=2
+    )
+    np.testing.assert_array_equal(exact["bokeh"], sample["bokeh"])
+    np.testing.assert_array_equal(low["aif"], sample["aif"])
+    assert np.abs(low["bokeh"].astype(np.float64) - sample["bokeh"]).max() > 0
 
 
 def _png(path, arr, mode=None):
