@@ -232,7 +232,9 @@ def test_meta_is_canonical_json(tiny_config, arrays):
     # The cap binds: at half the rays this scene traced, no pixel gets more, and fewer are traced.
     cap = meta["n_rays"] // 2
     assert cap >= 1
-    low, capped = synthesize_with_meta(dataclasses.replace(tiny_config, rays_max=cap), *arrays, seed=0, index=2)
+    low, capped = synthesize_with_meta(
+        dataclasses.replace(tiny_config, rays_max=cap), *arrays, seed=0, index=2
+    )
     assert 1 <= capped["n_rays"] <= cap and capped["rays_mean"] < meta["rays_mean"]
     # What the metadata reports is what the renderer did: a cap at the rays traced changes nothing, a
     # cap below changes the rendered target (the input is the same scene either way).
